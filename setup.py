@@ -18,6 +18,7 @@ setup(
         "sentencepiece>=0.2",
         "numpy",
         "einops",
+        "matplotlib",  # summary.png of the alignment loop (imported only when the plot is drawn)
     ],
     extras_require={
         # transformers is a test oracle only: the product never imports it.

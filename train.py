@@ -1,25 +1,35 @@
-"""train.py: SFT or DPO training of a Mistral/Mixtral checkpoint, one process or torchrun's ranks.
+"""train.py: the alignment loop (rounds of sample → score → select → train), or one SFT/DPO training run.
 
-    python train.py --config configs/sft_tiny.toml
+    python train.py                                         # the CPU demo: configs/demo.toml, into runs/demo/
+    python train.py --recipe iterative-dpo                  # the demo with iterative DPO
+    torchrun --nproc_per_node 8 train.py --config configs/merlinite_pt.toml --policy.path DIR ...
+    python train.py --config configs/sft_tiny.toml          # one training run (a config without [loop])
     torchrun --nproc_per_node 8 train.py --config configs/dpo_tiny.toml --train.parallel fsdp --train.lr 5e-7
 
-Settings come from the TOML file's [model], [data], [train] and [dpo] tables (see minalign/trainer.py for every
-key and its default), then from `--section.key value` flags, which override them. The run dir (train.out) gets
-metrics.jsonl, checkpoints/step_N (HF model dir + optimizer state), latest.json and, at the end, final/ (an HF
-checkpoint dir with the tokenizer). `--train.resume true` continues from latest.json, to the same losses.
+A config with a [loop] table runs the loop (minalign/loop.py: [loop], [policy], [prompts], [sample], [eval],
+[reward], [select] and the trainer's [data], [train], [dpo]); it writes round_k/ dirs, summary.json, summary.png
+and a `best` link into loop.out, and the same command started again resumes it at the first unfinished stage.
+A config without one is a single training run (minalign/trainer.py: [model], [data], [train], [dpo]) into
+train.out, resumed with --train.resume true. `--section.key value` flags override the file.
 """
 from __future__ import annotations
 
 import argparse
+import tomllib
+from pathlib import Path
 
 from minalign import cli, distributed
+from minalign.loop import RECIPES, load_loop_config, run_loop
 from minalign.trainer import load_config, train
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """--config FILE and any number of --section.key value pairs."""
+    """--config FILE (default: the demo), --recipe, and any number of --section.key value pairs."""
     p = cli.parser(__doc__)
-    p.add_argument("--config", help="TOML file with [model], [data], [train], [dpo] tables")
+    p.add_argument("--config", help=f"TOML settings (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})")
+    p.add_argument("--recipe", choices=RECIPES, help="the loop's recipe: short for --loop.recipe")
     args, rest = p.parse_known_args(argv)
     overrides = []
     while rest:
@@ -34,25 +44,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if "." not in key:
             p.error(f"{flag}: expected --section.key value (e.g. --train.lr 1e-5)")
         overrides.append((key.replace("-", "_"), value))
+    args.config = args.config or str(DEMO_CONFIG)
+    if args.recipe:
+        overrides.append(("loop.recipe", args.recipe))
     try:
-        args.cfg = load_config(args.config, overrides)
+        args.loop = "loop" in tomllib.loads(Path(args.config).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        p.error(f"--config {args.config}: {e}")
+    if args.recipe and not args.loop:
+        p.error(f"--recipe: {args.config} has no [loop] table (it is a single training run)")
+    try:
+        args.cfg = (load_loop_config if args.loop else load_config)(args.config, overrides)
     except cli.CliError as e:
         p.error(str(e))
     args.device = args.cfg.train.device or None
-    args.out = args.cfg.train.out
+    args.out = args.cfg.run_dir if args.loop else args.cfg.train.out
     return args
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device) -> int:
-    train(args.cfg, rank, world, device)
+    if args.loop:
+        run_loop(args.cfg, rank, world, device)
+    else:
+        train(args.cfg, rank, world, device)
     distributed.barrier()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run train.py; returns the exit status (0 done, 2 bad input or settings, 130 interrupted)."""
-    return cli.main("train.py", argv, parse_args, run, kept="checkpoints",
-                    interrupted="the checkpoints in train.out are kept; rerun with --train.resume true to continue")
+    def interrupted(args: argparse.Namespace) -> str:
+        if args.loop:
+            return f"the finished stages are kept in {args.out}; run the same command again to resume"
+        return "the checkpoints in train.out are kept; rerun with --train.resume true to continue"
+    return cli.main("train.py", argv, parse_args, run, kept="checkpoints", interrupted=interrupted)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ atomic write and removes them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -66,12 +68,13 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, in_range: 
 
 
 def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable, *, kept: str,
-         interrupted: str | None = None) -> int:
+         interrupted: str | Callable[[argparse.Namespace], str] | None = None) -> int:
     """A stage's main: parse argv, join torchrun's process group (if any), run(args, rank, world, device).
 
     Returns the exit status: run's (0), 2 with one line on stderr for a CliError or DataError, 130 on Ctrl-C.
     kept: what an interrupted run keeps in its partial file ("finished prompts"), for the message;
-    interrupted: the whole message after "interrupted; " instead, for a stage that keeps no partial file.
+    interrupted: the whole message after "interrupted; " instead (or a function of the args giving it), for a
+    stage that keeps no partial file.
     """
     args = parse_args(argv)  # argparse exits with status 2 itself
     rank, world, device = distributed.init(args.device)
@@ -82,9 +85,53 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
         print(f"{prog}: {where}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if callable(interrupted):
+            interrupted = interrupted(args)
         print(f"{prog}: {where}interrupted; " + (interrupted or f"{kept} are kept in the partial file beside "
               f"{args.out}, rerun with --resume to continue"), file=sys.stderr)
         return 130
+
+
+def _typed(section: str, name: str, default, value):
+    """value converted to the type of the field's default; CliError if it does not fit."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and isinstance(value, (list, tuple)):
+        return [float(v) for v in value] if default and isinstance(default[0], float) else list(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CliError(f"{section}.{name}: expected a {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_settings(cfg, path: str | None, overrides: list[tuple[str, str]] = ()):
+    """cfg (a dataclass of section dataclasses, defaults filled in) updated from a TOML file's tables and from
+    `section.key value` overrides, each value read as a TOML value (3e-4, true, [0.9, 0.99]) or else taken as a
+    string. CliError naming the file, or the unknown section or key, or the value of the wrong type."""
+    raw: dict = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise CliError(f"--config {path}: {e}") from None
+    for key, text in overrides:
+        section, _, name = key.partition(".")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw.setdefault(section, {})[name] = value
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for section, values in raw.items():
+        if section not in sections or not isinstance(values, dict):
+            raise CliError(f"unknown config section {section!r}; known: {', '.join(sections)}")
+        obj = sections[section]
+        known = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        for name, value in values.items():
+            if name not in known:
+                raise CliError(f"unknown config key {section}.{name}; {section} has {', '.join(known)}")
+            setattr(obj, name, _typed(section, name, known[name], value))
+    return cfg
 
 
 def partial_path(out: Path, rank: int, world: int) -> Path:

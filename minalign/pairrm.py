@@ -62,7 +62,7 @@ from minalign.rewards import prompt_messages
 from minalign.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["PairRMConfig", "PairRM", "PairRanker", "PairRMReward", "load_pairrm", "pairrm_config_from_dir",
-           "build_pair", "aggregate", "from_spec", "PREFIX_TOKENS", "DEBERTA_V3_LARGE"]
+           "build_pair", "aggregate", "PREFIX_TOKENS", "DEBERTA_V3_LARGE"]
 
 SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 PREFIX_TOKENS = (SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX)  # in llm-blender's add_tokens order
@@ -366,11 +366,3 @@ class PairRMReward:
             except ValueError as e:
                 raise ValueError(f"row {k}: {e}") from None
         return self.ranker.rank_many(sources, cands)
-
-
-def from_spec(spec: str, **kwargs) -> PairRMReward:
-    """A reward source from a `--reward` spec "pairrm:DIR" (kwargs: batch_size, dtype, device)."""
-    kind, sep, path = spec.partition(":")
-    if kind != "pairrm" or not sep or not path:
-        raise ValueError(f"expected a reward spec 'pairrm:DIR', got {spec!r}")
-    return PairRMReward(path, **kwargs)

@@ -22,10 +22,12 @@ and takes back one float per response, higher is better:
 
     source(rows: list[dict]) -> list[list[float]]
 
-A source reads what it needs: `LogRatioReward` scores each response's `token_ids`; a PairRM ranker would read
-`prompt` and the responses' `text` and return, say, each response's win rate against the others of its prompt;
-a user's `module:function` is any function of that signature. `LogRatioReward.score(rows)` also returns the
-log-prob sums each reward came from.
+A source reads what it needs: `LogRatioReward` scores each response's `token_ids`; the PairRM ranker
+(minalign/pairrm.py) reads `prompt` and the responses' `text` and returns each response's score against the
+others of its prompt; a user's `module:function` is any function of that signature (Snorkel's premise:
+specialised enterprise reward models). `LogRatioReward.score(rows)` also returns the log-prob sums each reward
+came from. `reward_source(kind, options)` builds any of the three from a config table, `from_spec` from a
+command-line spec, and `call_source` calls one and checks its answer's shape.
 
 Memory: the two models are never loaded at once (Mixtral-8x7B is ~94 GB in bf16): the policy scores every row
 and is freed, then the reference does. score.py adds resume, torchrun and FSDP around the same pieces.
@@ -33,8 +35,12 @@ and is freed, then the reference does. score.py adds resume, torchrun and FSDP a
 from __future__ import annotations
 
 import gc
+import importlib
+import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,7 +51,9 @@ from minalign.data import messages_of
 from minalign.logprobs import pack_by_length, sequence_logprobs
 from minalign.tokenizer import Tokenizer
 
-__all__ = ["NORMALIZE", "LogRatioReward", "Scorer", "log_ratio", "check_same_tokenizer", "prompt_messages",
+__all__ = ["NORMALIZE", "REWARD_KINDS", "reward_source", "parse_spec", "from_spec", "load_function", "call_source",
+           "score_rows",
+           "LogRatioReward", "Scorer", "log_ratio", "check_same_tokenizer", "prompt_messages",
            "response_token_ids", "cut_batches", "batch_logprobs", "release_memory", "scored_row"]
 
 NORMALIZE = ("sum", "mean")
@@ -248,3 +256,120 @@ class LogRatioReward:
     def __call__(self, rows: list[dict]) -> list[list[float]]:
         """One reward per response of each row: the reward-source interface."""
         return [[r["reward"] for r in row["responses"]] for row in self.score(rows)]
+
+
+# ---------------------------------------------------------------------------------------------- reward sources
+REWARD_KINDS = ("log-ratio", "pairrm", "python")
+RewardSource = Callable[[list[dict]], list[list[float]]]
+# How a spec's text values become LogRatioReward's arguments.
+_LOG_RATIO_TYPES = {"policy": str, "reference": str, "policy_template": str, "reference_template": str,
+                    "normalize": str, "beta": float, "batch_tokens": int,
+                    "sampler_end_ids": lambda v: [int(i) for i in v.split("+")]}
+SPEC_HELP = ("'log-ratio:policy=DIR,reference=DIR[,policy_template=mistral,reference_template=raw,normalize=sum,"
+             "beta=1,sampler_end_ids=32000]', 'pairrm:DIR', or a Python function 'module:function' / "
+             "'path/to/file.py:function' taking rows and returning one float per response")
+
+
+def load_function(spec: str) -> Callable:
+    """The function a 'module:function' or 'path/to/file.py:function' spec names (importing runs that code: it
+    is the user's own). ValueError naming the spec when it cannot be found."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"reward {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ValueError(f"reward {spec!r}: {path}: no such file")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as e:
+        raise ValueError(f"reward {spec!r}: cannot import {where!r} ({e}); is it on PYTHONPATH?") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {where} has no function {name!r}")
+    return fn
+
+
+def reward_source(kind: str, options: dict) -> RewardSource:
+    """A reward source (rows -> one float per response) of a kind and its options:
+    log-ratio: LogRatioReward's arguments (policy, reference, templates, beta, normalize, ...);
+    pairrm: path (+ batch_size, dtype, device); python: function ('module:function')."""
+    options = dict(options)
+    if kind == "log-ratio":
+        if not options.get("policy"):
+            raise ValueError("a log-ratio reward needs policy (and reference, unless reference-free)")
+        return LogRatioReward(options.pop("policy"), options.pop("reference", None), **options)
+    if kind == "pairrm":
+        from minalign.pairrm import PairRMReward  # here: pairrm.py imports this module
+        if not options.get("path"):
+            raise ValueError("a pairrm reward needs path (the PairRM checkpoint dir)")
+        return PairRMReward(options.pop("path"), **options)
+    if kind == "python":
+        if set(options) != {"function"}:
+            raise ValueError(f"a python reward takes one option, function ('module:function'); got {sorted(options)}")
+        return load_function(options["function"])
+    raise ValueError(f"unknown reward kind {kind!r}; known: {', '.join(REWARD_KINDS)}")
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """(kind, options) of a --reward spec (SPEC_HELP lists the forms); ValueError naming the spec."""
+    head, sep, rest = spec.partition(":")
+    if head == "pairrm":
+        if not rest:
+            raise ValueError(f"reward {spec!r}: expected 'pairrm:DIR'")
+        return "pairrm", {"path": rest}
+    if head != "log-ratio":
+        if not sep:
+            raise ValueError(f"reward {spec!r}: expected one of {SPEC_HELP}")
+        return "python", {"function": spec}
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in _LOG_RATIO_TYPES:
+            raise ValueError(f"reward {spec!r}: {item!r} is not one of {', '.join(k + '=' for k in _LOG_RATIO_TYPES)}")
+        try:
+            options[key] = _LOG_RATIO_TYPES[key](value)
+        except ValueError:
+            raise ValueError(f"reward {spec!r}: bad value for {key}: {value!r}") from None
+    if "policy" not in options:
+        raise ValueError(f"reward {spec!r}: a log-ratio reward needs policy=DIR (and reference=DIR)")
+    return "log-ratio", options
+
+
+def from_spec(spec: str, **kwargs) -> RewardSource:
+    """A reward source from a --reward spec; kwargs (dtype, device, batch_size for PairRM, batch_tokens for the
+    log-ratio) go to the model-based kinds."""
+    kind, options = parse_spec(spec)
+    return reward_source(kind, options if kind == "python" else {**options, **kwargs})
+
+
+def call_source(source: RewardSource, rows: list[dict], name: str) -> list[list[float]]:
+    """source(rows), checked: one list per row, one finite number per response (bools count as 0/1).
+    ValueError naming the source (name) and the first row and response at fault."""
+    scores = source(rows)
+    if not isinstance(scores, (list, tuple)) or len(scores) != len(rows):
+        got = f"{len(scores)} items" if isinstance(scores, (list, tuple)) else type(scores).__name__
+        raise ValueError(f"reward {name}: expected one list of scores per row ({len(rows)} rows), got {got}")
+    out = []
+    for k, (row, values) in enumerate(zip(rows, scores)):
+        n = len(row.get("responses", ()))
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            raise ValueError(f"reward {name}: row {k} (id {row.get('id')!r}) has {n} responses but got {values!r}")
+        for j, v in enumerate(values):
+            ok = isinstance(v, (int, float)) and math.isfinite(v)  # numpy floats are floats; bool is an int
+            if not ok:
+                raise ValueError(f"reward {name}: row {k} (id {row.get('id')!r}) responses[{j}]: {v!r} is not a "
+                                 f"finite number")
+        out.append([float(v) for v in values])
+    return out
+
+
+def score_rows(source: RewardSource, rows: list[dict], name: str) -> list[dict]:
+    """rows with each response gaining its "reward" from source (checked: call_source)."""
+    scores = call_source(source, rows, name)
+    return [{**row, "responses": [{**r, "reward": v} for r, v in zip(row["responses"], values)]}
+            for row, values in zip(rows, scores)]

@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import minalign
 from minalign import distributed
 from minalign.chat import TEMPLATES, end_token_id, render_conversation, render_prompt
 from minalign.checkpoint import CheckpointError
-from minalign.cli import BadRows, CliError
+from minalign.cli import BadRows, CliError, read_settings
 from minalign.data import DataError, atomic_write, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import LOSS_TYPES, dpo_loss, dpo_metrics, sft_loss
@@ -117,45 +116,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _typed(section: str, name: str, default, value):
-    """value converted to the type of the field's default; CliError if it does not fit."""
-    kind = type(default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is list and isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise CliError(f"{section}.{name}: expected a {kind.__name__}, got {value!r}")
-    return value
-
-
 def load_config(path: str | None, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
     """A TrainConfig from a TOML file ([model], [data], [train], [dpo] tables) and `section.key value` overrides
-    (each value read as a TOML value — 3e-4, true, [0.9, 0.99] — or else taken as a string)."""
-    raw: dict = {}
-    if path:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise CliError(f"--config {path}: {e}") from None
-    for key, text in overrides:
-        section, _, name = key.partition(".")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        raw.setdefault(section, {})[name] = value
-    cfg = TrainConfig()
-    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    for section, values in raw.items():
-        if section not in sections or not isinstance(values, dict):
-            raise CliError(f"unknown config section {section!r}; known: {', '.join(sections)}")
-        obj = sections[section]
-        known = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        for name, value in values.items():
-            if name not in known:
-                raise CliError(f"unknown config key {section}.{name}; {section} has {', '.join(known)}")
-            setattr(obj, name, _typed(section, name, known[name], value))
+    (cli.read_settings), checked."""
+    cfg = read_settings(TrainConfig(), path, overrides)
     check_config(cfg)
     return cfg
 

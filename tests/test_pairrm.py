@@ -12,7 +12,8 @@ from torch import nn
 from minalign import pairrm
 from minalign.checkpoint import CheckpointError
 from minalign.pairrm import (PREFIX_TOKENS, PairRanker, PairRM, PairRMConfig, PairRMReward, aggregate, build_pair,
-                             from_spec, load_pairrm)
+                             load_pairrm)
+from minalign.rewards import from_spec
 from minalign.tokenizer import load_tokenizer
 
 SP_SIZE = 300
@@ -239,5 +240,5 @@ def test_reward_source(tmp_path, deberta_tok_dir, tiny_cfg):
     assert sum(got[1]) == pytest.approx(0.0, abs=1e-5)  # the scores of a prompt sum to 0
     with pytest.raises(ValueError, match="row 0: responses\\[0\\] needs a \"text\""):
         source([{"prompt": "x", "responses": [{"token_ids": [1]}]}])
-    with pytest.raises(ValueError, match="pairrm:DIR"):
-        from_spec("logratio:x")
+    with pytest.raises(ValueError, match="expected 'pairrm:DIR'"):
+        from_spec("pairrm:")

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import minalign
-import sample
+from minalign.stages import sample
 from minalign.chat import render_prompt
 from minalign.progress import Progress
+from minalign.selection import best_index
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two cores: one thread per process, or OpenMP threads spin against each other (and against torchrun's ranks).
@@ -431,3 +432,41 @@ def test_padding_rows_of_the_vocabulary_are_never_sampled(merlinite_tokenizer_di
     beyond = [i for row in read_rows(tmp_path / "out.jsonl") for r in row["responses"] for i in r["token_ids"]
               if i >= vocab]
     assert not beyond, f"sampled ids past the tokenizer's {vocab}: {beyond}"
+
+
+def test_best_of_keeps_the_highest_reward(model_dir, reference, tmp_path, capsys):
+    """--best-of N --reward SPEC: the same N samples as -n N, scored, the best kept (python and log-ratio specs)."""
+    prompts, want = reference
+    samples = [json.loads(line) for line in want.decode().splitlines()]  # -n 3, the same seed
+
+    def best_of(out: str, *extra: str) -> list[str]:
+        argv = args_for(model_dir, prompts, tmp_path / out)
+        i = argv.index("--num-samples")
+        return argv[:i] + argv[i + 2:] + list(extra)
+
+    fn = tmp_path / "my_reward.py"
+    fn.write_text("def vowels(rows):\n"
+                  "    return [[sum(c in 'aeiou' for c in r['text']) for r in row['responses']] for row in rows]\n")
+    assert sample.main(best_of("best.jsonl", "--best-of", "3", "--reward", f"{fn}:vowels")) == 0
+    got = read_rows(tmp_path / "best.jsonl")
+    assert len(got) == len(samples)
+    for row, full in zip(got, samples):
+        rewards = [sum(c in "aeiou" for c in r["text"]) for r in full["responses"]]
+        assert row["rewards"] == rewards
+        pick = best_index({**full, "responses": [{**r, "reward": v} for r, v in zip(full["responses"], rewards)]})
+        assert row["responses"] == [{**full["responses"][pick], "reward": rewards[pick]}]
+    # a log-ratio spec, reference-free: the reward is Σ log π of the response, which the sampler also reports
+    spec = f"log-ratio:policy={model_dir},policy_template=merlinite"
+    assert sample.main(best_of("lr.jsonl", "--best-of", "3", "--reward", spec)) == 0
+    for row, full in zip(read_rows(tmp_path / "lr.jsonl"), samples):
+        assert row["rewards"] == pytest.approx([sum(r["logprobs"]) for r in full["responses"]], abs=1e-3)
+    # mistakes are named
+    for extra, phrase in [(["--best-of", "3"], "--best-of needs --reward"),
+                          (["--reward", "x:y"], "--reward is for --best-of"),
+                          (["--best-of", "3", "--reward", "x:y", "-n", "2"], "leave out -n")]:
+        with pytest.raises(SystemExit):
+            sample.main(best_of("o.jsonl", *extra))
+        assert phrase in capsys.readouterr().err
+    code, err = run_main(best_of("o2.jsonl", "--best-of", "3", "--reward", "no_such_module:f"), capsys)
+    assert code == 2 and "cannot import 'no_such_module'" in err, err
+    assert (tmp_path / "o2.jsonl.partial").is_file()  # the samples are kept for a --resume with another --reward

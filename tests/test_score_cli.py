@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import minalign
-import sample
-import score
+from minalign.stages import sample
+from minalign.stages import score
 from minalign.rewards import LogRatioReward
 from tests.test_sample_cli import ENV, PROMPTS, ROOT, assert_same_file, read_rows, tiny_checkpoint, torchrun, write_prompts
 from tests.test_sample_cli import args_for as sample_args

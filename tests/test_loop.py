@@ -1,0 +1,321 @@
+"""The alignment loop (minalign/loop.py): both recipes on tiny random models, resume at every stage boundary,
+selection against hand cases, prompt draws, user reward functions, and train.py's dispatch."""
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minalign
+import train as train_cli
+from minalign.cli import CliError
+from minalign.data import read_jsonl
+from minalign.loop import draw_prompts, load_loop_config, run_loop, split_pool, table
+from minalign.selection import candidates, select_best, select_pairs
+from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
+from tests.test_trainer import torchrun_train
+
+PROMPTS = [("What is a cat?", "animals"), ("Name a red fruit.", "food"), ("Why is the sky blue?", "science"),
+           ("Say hello.", "chat"), ("Count to three.", "chat"), ("What do dogs eat?", "animals"),
+           ("Is bread good?", "food"), ("How fast is light?", "science")]
+
+
+def _model(d: Path, tok_dir: Path, seed: int) -> Path:
+    tok = minalign.load_tokenizer(tok_dir)
+    cfg = minalign.get_config("tiny-mistral", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=256)
+    minalign.save_model(minalign.Transformer(cfg).init_weights(seed=seed), d)
+    tok.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, mistral_tokenizer_dir):
+    """(policy π0, reward 'instruct', reward 'base') tiny random models sharing a tokenizer; a prompts pool."""
+    d = tmp_path_factory.mktemp("loop")
+    paths = [_model(d / name, mistral_tokenizer_dir, seed) for name, seed in [("pi0", 0), ("inst", 1), ("base", 2)]]
+    pool = d / "prompts.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": p, "source": s}) + "\n" for p, s in PROMPTS))
+    return (*paths, pool)
+
+
+def config(models, out: Path, recipe: str = "rejection-sampling", **extra):
+    over = {**tiny_settings(models, out), "loop.recipe": recipe, **extra}
+    return load_loop_config(None, [(k, _toml(v)) for k, v in over.items()])
+
+
+def tiny_settings(models, out: Path) -> dict:
+    """The tiny loop of these tests: 2 rounds of 4 prompts (2 held out), 3 samples of 6 tokens, 1 epoch."""
+    pi0, inst, base, pool = models
+    return {"loop.out": out, "loop.rounds": 2, "loop.patience": 0, "loop.epochs": 1,
+            "policy.path": pi0, "prompts.path": pool, "prompts.per_round": 4, "prompts.by_source": True,
+            "prompts.eval_size": 2, "sample.n": 3, "sample.max_new_tokens": 6, "sample.temperature": 1.0,
+            "sample.batch_size": 2, "reward.policy": inst, "reward.reference": base,
+            "reward.reference_template": "mistral", "train.batch_size": 2, "train.micro_batch_size": 1,
+            "train.lr": 1e-3, "select.keep_truncated": True, "data.max_length": 128, "data.max_prompt_length": 64}
+
+
+def _toml(v) -> str:
+    """A value as the TOML text of a --section.key override."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return json.dumps(str(v)) if isinstance(v, (str, Path)) else str(v)
+
+
+def _artifacts(run: Path) -> dict[str, bytes]:
+    """Every file a loop run leaves, by relative path; run dir paths inside them made relative."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        if p.is_file() and p.suffix != ".png" and "metrics.jsonl" not in p.name:
+            data = p.read_bytes().replace(str(run).encode(), b"RUN")
+            out[str(p.relative_to(run))] = data
+    return out
+
+
+def test_rejection_sampling_two_rounds(models, tmp_path):
+    cfg = config(models, tmp_path / "rs")
+    summary = run_loop(cfg)
+    run = tmp_path / "rs"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert (run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", (run / "summary.png").read_bytes()[16:24])
+    assert width > 400 and height > 200
+    for k in (0, 1):
+        d = run / f"round_{k}"
+        scores = [row for _, row in read_jsonl(d / "scores.jsonl")]
+        prompts = [row for _, row in read_jsonl(d / "prompts.jsonl")]
+        assert [r["id"] for r in scores] == [r["id"] for r in prompts] and len(prompts) == 4
+        assert all(len(r["responses"]) == 3 for r in scores)
+        # the training rows are each prompt's argmax among its candidates, with its reward
+        rows = [row for _, row in read_jsonl(d / "train.jsonl")]
+        want = {r["id"]: max(candidates(r, True), key=lambda j: r["responses"][j]["reward"]) for r in scores
+                if candidates(r, True)}
+        assert {r["id"] for r in rows} == set(want)
+        by_id = {r["id"]: r for r in scores}
+        for row in rows:
+            best = by_id[row["id"]]["responses"][want[row["id"]]]
+            assert (row["response"], row["reward"]) == (best["text"], best["reward"])
+        m = json.loads((d / "metrics.json").read_text())
+        rewards = [r["reward"] for row in scores for r in row["responses"]]
+        assert m["batch_reward"] == pytest.approx(sum(rewards) / len(rewards))
+        assert m["batch_reward_max"] == pytest.approx(sum(max(r["reward"] for r in row["responses"])
+                                                          for row in scores) / len(scores))
+        assert m["mean_length"] == pytest.approx(sum(len(r["token_ids"]) for row in scores
+                                                     for r in row["responses"]) / len(rewards))
+        assert len([1 for _ in read_jsonl(d / "eval_scores.jsonl")]) == 2
+        assert not (d / "train" / "checkpoints").exists()  # optimizer state dropped once final/ is in place
+    # round k+1 samples from what round k trained
+    assert summary["rounds"][1]["policy"] == str(run / "round_0" / "train" / "final")
+    assert not (run / "round_2" / "train.jsonl").exists()  # the last round only evaluates
+    best = max(summary["rounds"], key=lambda r: r["batch_reward"])
+    assert summary["best"] == {"round": best["round"], "policy": best["policy"]}
+    assert (run / "best").resolve() == Path(best["policy"]).resolve()
+    # the trained policy differs from the one it started from
+    w0 = load_file(run / "round_0" / "train" / "final" / "model.safetensors")
+    w1 = load_file(run / "round_1" / "train" / "final" / "model.safetensors")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert "batch reward" in table(summary["rounds"])
+    # started again: nothing to do, the same summary
+    assert run_loop(cfg) == summary
+
+
+@pytest.mark.parametrize("reference", ["previous", "initial"])
+def test_iterative_dpo_two_rounds(models, tmp_path, reference):
+    cfg = config(models, tmp_path / "dpo", "iterative-dpo", **{"loop.dpo_reference": reference, "dpo.beta": 0.1})
+    summary = run_loop(cfg)
+    run = tmp_path / "dpo"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    for k in (0, 1):
+        d = run / f"round_{k}"
+        scores = {r["id"]: r for _, r in read_jsonl(d / "scores.jsonl")}
+        for _, row in read_jsonl(d / "train.jsonl"):
+            rewards = [r["reward"] for r in scores[row["id"]]["responses"]]
+            assert row["chosen_reward"] == max(rewards) and row["rejected_reward"] == min(rewards)
+            assert row["chosen_reward"] > row["rejected_reward"]
+        header = json.loads((d / "train.jsonl.ref-logps.jsonl").read_text().split("\n")[0])
+        ref = header["reference"]
+        want = models[0] if reference == "initial" or k == 0 else run / "round_0" / "train" / "final"
+        assert Path(ref).resolve() == Path(want).resolve(), header
+
+
+def test_killed_at_every_stage_boundary_resumes_to_the_same_artifacts(models, tmp_path):
+    """A chain of runs, each killed at the next stage boundary, ends with the files of an uninterrupted run."""
+    run_loop(config(models, tmp_path / "whole"))
+    boundaries, kills = [], 0
+
+    while True:
+        seen = []
+
+        def kill_next(k, name):
+            seen.append((k, name))
+            if len(seen) > len(boundaries) and (k, name) not in boundaries:  # a boundary this chain has not cut
+                boundaries.append((k, name))
+                raise KeyboardInterrupt
+        try:
+            run_loop(config(models, tmp_path / "cut"), after_stage=kill_next)
+            break
+        except KeyboardInterrupt:
+            kills += 1
+    assert kills == len(boundaries) == 2 * 8 + 6  # every stage of rounds 0 and 1 (8), and round 2 (6: no training)
+    want, got = _artifacts(tmp_path / "whole"), _artifacts(tmp_path / "cut")
+    want = {k: v.replace(b"whole", b"RUN") for k, v in want.items()}
+    got = {k: v.replace(b"cut", b"RUN") for k, v in got.items()}
+    assert sorted(got) == sorted(want)
+    differ = [k for k in want if want[k] != got[k]]
+    assert not differ, differ
+
+
+def test_restart_with_other_settings_is_refused(models, tmp_path):
+    cfg = config(models, tmp_path / "r", **{"loop.rounds": 1})
+    run_loop(cfg)
+    with pytest.raises(CliError, match="other settings \\(sample.temperature\\)"):
+        run_loop(config(models, tmp_path / "r", **{"loop.rounds": 1, "sample.temperature": 0.5}))
+    # more rounds may be asked for: the finished ones are kept, one more is run
+    summary = run_loop(config(models, tmp_path / "r", **{"loop.rounds": 2}))
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+
+
+def test_python_reward_function(models, tmp_path):
+    fn = tmp_path / "my_reward.py"
+    fn.write_text("def length(rows):\n    return [[len(r['text']) for r in row['responses']] for row in rows]\n"
+                  "def broken(rows):\n    return [[1.0] for row in rows]\n")
+    cfg = config(models, tmp_path / "py", **{"loop.rounds": 1, "reward.kind": "python",
+                                             "reward.function": f"{fn}:length"})
+    run_loop(cfg)
+    for _, row in read_jsonl(tmp_path / "py" / "round_0" / "scores.jsonl"):
+        assert [r["reward"] for r in row["responses"]] == [len(r["text"]) for r in row["responses"]]
+    cfg = config(models, tmp_path / "py2", **{"loop.rounds": 1, "reward.kind": "python",
+                                              "reward.function": f"{fn}:broken"})
+    with pytest.raises(CliError, match="broken: row 0 .* has 3 responses but got \\[1.0\\]"):
+        run_loop(cfg)
+    cfg = config(models, tmp_path / "py3", **{"reward.kind": "python", "reward.function": f"{fn}:nothing"})
+    with pytest.raises(CliError, match="has no function 'nothing'"):
+        run_loop(cfg)
+
+
+def _row(rewards, texts=None, reasons=None):
+    texts = texts or [f"r{j}" for j in range(len(rewards))]
+    reasons = reasons or ["stop"] * len(rewards)
+    return {"id": 7, "prompt": "p", "responses": [{"text": t, "reward": r, "finish_reason": f, "token_ids": [1]}
+                                                  for t, r, f in zip(texts, rewards, reasons)]}
+
+
+def test_selection_hand_cases():
+    rows, stats = select_best([_row([0.1, 0.5, -2.0])])
+    assert rows == [{"id": 7, "prompt": "p", "response": "r1", "reward": 0.5}]
+    assert stats == {"prompts": 1, "selected": 1, "no_candidate": 0}
+    assert select_best([_row([0.5, 0.5, 0.5])])[0][0]["response"] == "r0"  # ties: the first
+    # empty and truncated responses are never picked, however high their reward ...
+    row = _row([9.0, 8.0, 1.0], texts=["  ", "cut", "ok"], reasons=["stop", "length", "stop"])
+    assert select_best([row])[0][0]["response"] == "ok"
+    assert select_best([row], keep_truncated=True)[0][0]["response"] == "cut"
+    # ... and a prompt whose samples are all empty or truncated gives no row
+    dead = _row([1.0, 2.0], texts=["", "x"], reasons=["stop", "length"])
+    assert select_best([dead]) == ([], {"prompts": 1, "selected": 0, "no_candidate": 1})
+    assert select_pairs([dead])[1] == {"prompts": 1, "selected": 0, "no_candidate": 1, "tied": 0}
+
+    rows, _ = select_pairs([_row([0.3, -1.0, 2.0, -1.0])])
+    assert rows == [{"id": 7, "prompt": "p", "chosen": "r2", "rejected": "r3", "chosen_reward": 2.0,
+                     "rejected_reward": -1.0}]  # bottom ties: the last, so top and bottom differ when they can
+    assert select_pairs([_row([1.0, 1.0, 1.0])]) == ([], {"prompts": 1, "selected": 0, "no_candidate": 0, "tied": 1})
+    assert select_pairs([_row([1.0, 1.05])], min_margin=0.1)[1]["tied"] == 1
+    assert len(select_pairs([_row([1.0, 1.05])], min_margin=0.01)[0]) == 1
+    assert select_pairs([_row([5.0, 1.0], texts=["only", ""])])[1]["no_candidate"] == 1  # one candidate: no pair
+    # a system message used in sampling goes into the training row's prompt
+    rows, _ = select_best([_row([1.0, 0.0])], system="Be brief.")
+    assert rows[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p"}]
+
+
+def test_prompt_draws():
+    pool = [{"id": i, "prompt": f"q{i}", "source": "ab"[i < 2]} for i in range(8)]  # source b: 2, source a: 6
+    r0, r1 = (draw_prompts(pool, 4, True, 0, k) for k in (0, 1))
+    assert [r["source"] for r in r0].count("b") == 2 and [r["source"] for r in r1].count("b") == 2
+    seen = [r["id"] for r in r0 + r1 if r["source"] == "a"]
+    assert len(seen) == 4 and len(set(seen)) == 4  # a's prompts are not repeated before all are used
+    uniform = [draw_prompts(pool, 3, False, 0, k) for k in range(3)]
+    assert sorted(r["id"] for rows in uniform[:2] for r in rows)[:6] == sorted({r["id"] for rows in uniform[:2]
+                                                                                  for r in rows})
+    assert len(draw_prompts(pool, 0, False, 0, 0)) == 8
+    assert draw_prompts(pool, 4, True, 0, 0) == r0  # deterministic
+    train_rows, held = split_pool(pool, 3, 0)
+    assert len(held) == 3 and not {r["id"] for r in held} & {r["id"] for r in train_rows}
+    with pytest.raises(CliError, match="eval_size 8 leaves no prompts"):
+        split_pool(pool, 8, 0)
+
+
+def test_bad_settings_and_prompts(models, tmp_path):
+    with pytest.raises(CliError, match="loop.recipe must be one of"):
+        config(models, tmp_path / "x", **{"loop.recipe": "ppo"})
+    with pytest.raises(CliError, match="sample.n must be >= 2"):
+        config(models, tmp_path / "x", **{"sample.n": 1})
+    with pytest.raises(CliError, match="unknown config key loop.round;"):
+        config(models, tmp_path / "x", **{"loop.round": 2})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=f"{bad}:2: a row needs exactly one of"):
+        run_loop(config(models, tmp_path / "y", **{"prompts.path": bad}))
+    bad.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    with pytest.raises(ValueError, match=f"{bad}:2: duplicate id 1"):
+        run_loop(config(models, tmp_path / "z", **{"prompts.path": bad}))
+
+
+def test_train_py_runs_a_loop_config(models, tmp_path, capsys):
+    pi0, inst, base, pool = models
+    toml = tmp_path / "loop.toml"
+    toml.write_text(f"""
+[loop]
+out = "{tmp_path}/cli-{{recipe}}"
+rounds = 1
+epochs = 1
+[policy]
+path = "{pi0}"
+[prompts]
+path = "{pool}"
+per_round = 3
+[sample]
+n = 2
+max_new_tokens = 4
+[reward]
+policy = "{inst}"
+reference = "{base}"
+[select]
+keep_truncated = true
+[train]
+batch_size = 1
+micro_batch_size = 1
+""")
+    assert train_cli.main(["--config", str(toml), "--recipe", "iterative-dpo", "--sample.temperature", "1.0"]) == 0
+    summary = json.loads((tmp_path / "cli-iterative-dpo" / "summary.json").read_text())
+    assert summary["recipe"] == "iterative-dpo" and len(summary["rounds"]) == 2
+    err = capsys.readouterr().err
+    assert "python sample.py --model" in err and "python score.py --samples" in err  # the stages, as commands
+    assert "batch reward" in err
+    with pytest.raises(SystemExit):
+        train_cli.main(["--config", str(Path(__file__).parent.parent / "configs" / "sft_tiny.toml"),
+                        "--recipe", "iterative-dpo"])
+    assert "has no [loop] table" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(models, tmp_path):
+    """Under torchrun (2 ranks, gloo) each stage shares its work out; round 0's files are the one-process ones, byte
+    for byte, and the policy DDP trains equals the one-process policy (to float summation order)."""
+    over = {"loop.rounds": 1, "train.device": "cpu"}
+    one = config(models, tmp_path / "one", **over)
+    run_loop(one)
+    argv = []
+    for k, v in {**tiny_settings(models, tmp_path / "two"), **over}.items():
+        argv += [f"--{k}", _toml(v)]
+    toml = tmp_path / "loop.toml"
+    toml.write_text("[loop]\n")  # a loop config; every setting comes from the overrides
+    torchrun_train(["--config", str(toml), *argv])
+    for name in ["prompts", "samples", "scores", "eval_samples", "eval_scores", "train"]:
+        a, b = (tmp_path / d / "round_0" / f"{name}.jsonl" for d in ("one", "two"))
+        assert a.read_bytes() == b.read_bytes(), name
+    w1, w2 = (load_file(tmp_path / d / "round_0" / "train" / "final" / "model.safetensors") for d in ("one", "two"))
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff < 1e-5, diff
+    assert len(json.loads((tmp_path / "two" / "summary.json").read_text())["rounds"]) == 2
