@@ -28,7 +28,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """--config FILE (default: the demo), --recipe, and any number of --section.key value pairs."""
     p = cli.parser(__doc__)
-    p.add_argument("--config", help=f"TOML settings (default: {DEMO_CONFIG.relative_to(DEMO_CONFIG.parent.parent)})")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="TOML settings (the default is the CPU demo)")
     p.add_argument("--recipe", choices=RECIPES, help="the loop's recipe: short for --loop.recipe")
     args, rest = p.parse_known_args(argv)
     overrides = []
@@ -44,7 +44,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if "." not in key:
             p.error(f"{flag}: expected --section.key value (e.g. --train.lr 1e-5)")
         overrides.append((key.replace("-", "_"), value))
-    args.config = args.config or str(DEMO_CONFIG)
     if args.recipe:
         overrides.append(("loop.recipe", args.recipe))
     try:

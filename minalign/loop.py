@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -42,7 +43,8 @@ from typing import Callable
 import torch
 
 from minalign import distributed
-from minalign.chat import TEMPLATES
+from minalign.chat import TEMPLATES, render_prompt
+from minalign.config import from_hf_config
 from minalign.cli import CliError, read_settings
 from minalign.data import DataError, atomic_write, prompt_of, read_jsonl, write_jsonl
 from minalign.demo import DemoSection
@@ -50,6 +52,7 @@ from minalign.rewards import NORMALIZE, REWARD_KINDS, call_source, load_function
 from minalign.selection import select_best, select_pairs
 from minalign.stages import sample as sample_stage
 from minalign.stages import score as score_stage
+from minalign.tokenizer import load_tokenizer
 from minalign.trainer import (DataSection, DPOSection, ModelSection, TrainConfig, TrainSection, check_config,
                               latest_checkpoint, train)
 
@@ -186,7 +189,6 @@ def round_train_config(cfg: LoopConfig, k: int, policy: Path, data: Path, rows: 
         t.steps = max(1, math.ceil(cfg.loop.epochs * rows / t.batch_size))
     if cfg.loop.warmup_ratio:
         t.warmup_steps = round(cfg.loop.warmup_ratio * t.steps)
-    t.resume = latest_checkpoint(Path(t.out)) is not None
     reference = cfg.policy.path if cfg.loop.dpo_reference == "initial" else ""
     return TrainConfig(model=ModelSection(path=str(policy), template=cfg.policy.template, reference=reference),
                        data=dataclasses.replace(cfg.data, path=str(data)), train=t, dpo=cfg.dpo)
@@ -196,26 +198,43 @@ def round_train_config(cfg: LoopConfig, k: int, policy: Path, data: Path, rows: 
 RESUMABLE_CHANGES = {"loop": {"rounds", "patience", "keep_checkpoints"}, "sample": {"batch_size"},
                      "reward": {"batch_tokens", "fsdp"},
                      "train": {"micro_batch_size", "log_every", "save_every", "keep_checkpoints", "stop_after",
-                               "resume", "parallel", "activation_checkpointing", "device"}}
+                               "parallel", "activation_checkpointing", "device"}}
+# Settings the loop sets itself each round (round_train_config), whatever the file says.
+OVERWRITTEN = {"train": {"mode", "out", "resume"}, "data": {"path"}}
+PATHS = {"loop": ["out"], "policy": ["path"], "prompts": ["path", "eval_path"], "reward": ["policy", "reference", "path"],
+         "demo": ["out"]}
 
 
 def _fixed_settings(cfg: LoopConfig) -> dict:
+    """The settings a restart must repeat: all but RESUMABLE_CHANGES and OVERWRITTEN, with paths made absolute."""
     d = dataclasses.asdict(cfg)
-    for section, keys in RESUMABLE_CHANGES.items():
+    skip = {s: RESUMABLE_CHANGES.get(s, set()) | OVERWRITTEN.get(s, set()) for s in d}
+    if cfg.loop.epochs:
+        skip["train"] |= {"steps"}
+    if cfg.loop.warmup_ratio:
+        skip["train"] |= {"warmup_steps"}
+    for section, keys in skip.items():
         for k in keys:
             d[section].pop(k)
+    for section, keys in PATHS.items():
+        for k in keys:
+            if d[section][k]:
+                d[section][k] = str(Path(d[section][k]).resolve())
     return d
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
 
-def read_prompts(path: Path) -> list[dict]:
-    """The rows of a prompts file, each checked (DataError naming path:line) and given an "id" (its line number
+def read_prompts(path: Path, render: Callable[[str | list[dict]], None] | None = None) -> list[dict]:
+    """The rows of a prompts file, each checked (DataError naming path:line) — by render too, when given (it
+    raises ValueError for a prompt the policy's template or context refuses) — and given an "id" (its line number
     when it has none); ids must be unique."""
     rows, seen = [], {}
     for line, row in read_jsonl(path):
         try:
-            prompt_of(row)
+            prompt = prompt_of(row)
+            if render is not None:
+                render(prompt)
         except ValueError as e:
             raise DataError(path, line, str(e)) from None
         row = {"id": line, **row}
@@ -352,8 +371,9 @@ class Loop:
 
     # -- setup ------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Build the demo if this is it; check the run dir's settings (a restart must match them); write the
-        held-out and pool prompt files."""
+        """Build the demo if this is it; check everything that can be checked before any work (paths, settings
+        against a run being restarted, every prompt rendered in the policy's template, the reward and metric
+        functions, the batch split); then write loop.json and the pool and held-out prompt files."""
         cfg, run = self.cfg, self.run_dir
         if cfg.demo.out:
             if self.world > 1:
@@ -364,6 +384,10 @@ class Loop:
                         ("prompts.eval_path", cfg.prompts.eval_path)]:
             if p and not Path(p).exists():
                 raise CliError(f"{what} {p}: no such file or directory")
+        t = cfg.train
+        if t.batch_size % (self.world * t.micro_batch_size):
+            raise CliError(f"train.batch_size {t.batch_size} must be a multiple of world size {self.world} × "
+                           f"train.micro_batch_size {t.micro_batch_size}")
         settings = _fixed_settings(cfg)
         saved = run / "loop.json"
         if saved.is_file():
@@ -372,33 +396,80 @@ class Loop:
                                                                                      *settings.get(s, {})})
                      if then.get(s, {}).get(k) != settings.get(s, {}).get(k)]
             if diffs:
-                raise CliError(f"{run} holds a loop run with other settings ({', '.join(diffs)}); restart it with "
-                               f"the same ones (only {', '.join(f'{s}.{k}' for s, ks in RESUMABLE_CHANGES.items() for k in sorted(ks))} may change), or choose another loop.out")
+                free = ", ".join(f"{s}.{k}" for s, ks in RESUMABLE_CHANGES.items() for k in sorted(ks))
+                raise CliError(f"{run} holds a loop run with other settings ({', '.join(diffs)}): restart it with "
+                               f"the same ones (only {free} may change), or choose another loop.out")
             self.log(f"resuming the run in {run}")
-        distributed.barrier()
-        if self.main:
+        if cfg.reward.kind == "python":
+            self.reward_source()  # imports it: a wrong name fails now, not after the first sampling
+        if cfg.eval.metric:
+            self._metric_function()
+
+        def prepare() -> None:
             run.mkdir(parents=True, exist_ok=True)
+            if (run / "pool.jsonl").is_file():
+                return
+            render = self._prompt_check()
+            pool = read_prompts(Path(cfg.prompts.path), render)
+            if cfg.prompts.eval_path:
+                held = read_prompts(Path(cfg.prompts.eval_path), render)
+            else:
+                pool, held = split_pool(pool, cfg.prompts.eval_size, cfg.loop.seed)
             if not saved.is_file():
                 atomic_write(saved, json.dumps({"settings": settings}, indent=1) + "\n")
-            if not (run / "pool.jsonl").is_file():
-                pool = read_prompts(Path(cfg.prompts.path))
-                if cfg.prompts.eval_path:
-                    held = read_prompts(Path(cfg.prompts.eval_path))
-                else:
-                    pool, held = split_pool(pool, cfg.prompts.eval_size, cfg.loop.seed)
-                write_jsonl(run / "eval_prompts.jsonl", held)  # first: pool.jsonl marks both written
-                write_jsonl(run / "pool.jsonl", pool)
-        distributed.barrier()
+            write_jsonl(run / "eval_prompts.jsonl", held)  # first: pool.jsonl marks both written
+            write_jsonl(run / "pool.jsonl", pool)
+        self.on_main(prepare)
         self.pool = [row for _, row in read_jsonl(run / "pool.jsonl")]
         self.has_eval = bool([1 for _ in read_jsonl(run / "eval_prompts.jsonl")])
+
+    def _prompt_check(self) -> Callable[[str | list[dict]], None]:
+        """A check of one prompt as the sample stage will render it: the policy's template accepts its roles and
+        it leaves sample.max_new_tokens of the policy's context (ValueError otherwise)."""
+        cfg = self.cfg
+        try:
+            tokenizer = load_tokenizer(cfg.policy.path)
+            context = from_hf_config(Path(cfg.policy.path) / "config.json").max_position_embeddings
+        except (OSError, ValueError) as e:
+            raise CliError(f"policy.path {cfg.policy.path}: {e}") from None
+
+        def check(prompt) -> None:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if cfg.policy.system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": cfg.policy.system}, *messages]
+            n = len(render_prompt(tokenizer, cfg.policy.template, messages))
+            if n + cfg.sample.max_new_tokens > context:
+                raise ValueError(f"the prompt is {n} tokens in the {cfg.policy.template} template; with "
+                                 f"sample.max_new_tokens {cfg.sample.max_new_tokens} that exceeds the policy's "
+                                 f"context of {context}")
+        return check
 
     def policy(self, k: int) -> Path:
         """π_k: the starting policy, or the model round k−1 trained."""
         return Path(self.cfg.policy.path) if k == 0 else self.run_dir / f"round_{k - 1}" / "train" / "final"
 
+    def on_main(self, fn: Callable[[], None]) -> None:
+        """fn() on rank 0 alone, the other ranks waiting; an error there is raised on every rank, so none is left
+        waiting for a rank that has left."""
+        error = None
+        if self.main:
+            try:
+                fn()
+            except (CliError, ValueError) as e:  # DataError is a ValueError
+                error = e
+        if self.world > 1:
+            message = [None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                raise CliError(message[0])
+        if error is not None:
+            raise error
+
     def _stage(self, k: int, name: str, artifact: Path, make: Callable[[], None]) -> None:
         """Run make() unless artifact exists; then report the stage done."""
-        if artifact.exists():
+        done = artifact.exists()
+        distributed.barrier()  # every rank has looked before any writes: all take the same branch
+        if done:
             self.log(f"round {k} · {name}: done already ({artifact})")
         else:
             self.log(f"round {k} · {name}")
@@ -429,39 +500,53 @@ class Loop:
             argv += ["--sampler-end-ids", *map(str, r.sampler_end_ids)] if r.sampler_end_ids else []
             argv += ["--fsdp"] if r.fsdp else []
             self._run_stage(score_stage, argv)
-        elif self.main:  # a ranker or a user's function: in this process, on every row at once
-            rows = [row for _, row in read_jsonl(samples)]
-            try:
-                rows = score_rows(self.reward_source(), rows, self.reward_name())
-            except ValueError as e:
-                raise CliError(str(e)) from None
-            write_jsonl(out, rows)
-
-    def reward_name(self) -> str:
-        r = self.cfg.reward
-        return r.function if r.kind == "python" else f"pairrm:{r.path}"
+        else:  # a ranker or a user's function: on rank 0, on every row at once
+            def score() -> None:
+                rows = [row for _, row in read_jsonl(samples)]
+                name = r.function if r.kind == "python" else f"pairrm:{r.path}"
+                try:
+                    rows = score_rows(self.reward_source(), rows, name)
+                except ValueError as e:
+                    raise CliError(str(e)) from None
+                write_jsonl(out, rows)
+            self.on_main(score)
 
     def reward_source(self):
+        """The [reward] source for kinds other than log-ratio (which runs as score.py); a Python function is
+        imported once."""
         r = self.cfg.reward
+        if getattr(self, "_python_reward", None) is not None:
+            return self._python_reward
         options = {"function": r.function} if r.kind == "python" else {"path": r.path, "device": self.device}
         try:
-            return reward_source(r.kind, options)
+            source = reward_source(r.kind, options)
         except (OSError, ValueError) as e:
             raise CliError(f"reward: {e}") from None
+        if r.kind == "python":
+            self._python_reward = source
+        return source
 
     def _run_stage(self, stage, argv: list[str]) -> None:
         """A stage command (sample.py, score.py) in this process, on this process group; its command line is
         printed first."""
         name = stage.__name__.rsplit(".", 1)[1]
-        self.log("  python " + " ".join([f"{name}.py", *(a if a and " " not in a else repr(a) for a in argv)]))
+        self.log("  python " + shlex.join([f"{name}.py", *argv]))
         stage.run(stage.parse_args(argv), self.rank, self.world, self.device)
+
+    def _metric_function(self) -> Callable:
+        """The eval.metric function (imported once)."""
+        if getattr(self, "_metric_fn", None) is None:
+            try:
+                self._metric_fn = load_function(self.cfg.eval.metric)
+            except ValueError as e:
+                raise CliError(f"eval.metric: {e}") from None
+        return self._metric_fn
 
     def _metric(self, rows: list[dict]) -> list[list[float]] | None:
         if not self.cfg.eval.metric:
             return None
         try:
-            fn = load_function(self.cfg.eval.metric)
-            return call_source(fn, rows, self.cfg.eval.metric)
+            return call_source(self._metric_function(), rows, self.cfg.eval.metric)
         except ValueError as e:
             raise CliError(f"eval.metric: {e}") from None
 
@@ -474,9 +559,9 @@ class Loop:
             d.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         seed = cfg.loop.seed * 1000 + k
-        self._stage(k, "prompts", d / "prompts.jsonl", lambda: self.main and write_jsonl(
+        self._stage(k, "prompts", d / "prompts.jsonl", lambda: self.on_main(lambda: write_jsonl(
             d / "prompts.jsonl", draw_prompts(self.pool, cfg.prompts.per_round, cfg.prompts.by_source,
-                                              cfg.loop.seed, k)))
+                                              cfg.loop.seed, k))))
         self._stage(k, "sample", d / "samples.jsonl", lambda: self._sample(
             k, d / "prompts.jsonl", d / "samples.jsonl", cfg.sample.n, cfg.sample.temperature, seed))
         self._stage(k, "score", d / "scores.jsonl", lambda: self._score(d / "samples.jsonl", d / "scores.jsonl"))
@@ -488,13 +573,12 @@ class Loop:
                 d / "eval_samples.jsonl", d / "eval_scores.jsonl"))
 
         def metrics() -> None:
-            if self.main:
-                scores = [row for _, row in read_jsonl(d / "scores.jsonl")]
-                evals = [row for _, row in read_jsonl(d / "eval_scores.jsonl")] if self.has_eval else []
-                m = round_metrics(k, scores, evals, self._metric(evals) if evals else None)
-                m["policy"] = str(self.policy(k))
-                atomic_write(d / "metrics.json", json.dumps(m, indent=1) + "\n")
-        self._stage(k, "metrics", d / "metrics.json", metrics)
+            scores = [row for _, row in read_jsonl(d / "scores.jsonl")]
+            evals = [row for _, row in read_jsonl(d / "eval_scores.jsonl")] if self.has_eval else []
+            m = round_metrics(k, scores, evals, self._metric(evals) if evals else None)
+            m["policy"] = str(self.policy(k))
+            atomic_write(d / "metrics.json", json.dumps(m, indent=1) + "\n")
+        self._stage(k, "metrics", d / "metrics.json", lambda: self.on_main(metrics))
         return json.loads((d / "metrics.json").read_text())
 
     def improve(self, k: int) -> dict:
@@ -502,28 +586,30 @@ class Loop:
         cfg, d = self.cfg, self.run_dir / f"round_{k}"
 
         def select() -> None:
-            if self.main:
-                scores = [row for _, row in read_jsonl(d / "scores.jsonl")]
-                s = cfg.select
-                if cfg.loop.recipe == "rejection-sampling":
-                    rows, stats = select_best(scores, s.keep_truncated, cfg.policy.system)
-                else:
-                    rows, stats = select_pairs(scores, s.keep_truncated, s.min_margin, cfg.policy.system)
-                if not rows:
-                    raise CliError(f"round {k}: no prompt of {d / 'scores.jsonl'} gave a training row ({stats}); "
-                                   f"all samples empty, truncated or tied? (raise sample.max_new_tokens)")
-                atomic_write(d / "selection.json", json.dumps(stats) + "\n")
-                write_jsonl(d / "train.jsonl", rows)  # last: its existence marks the stage done
-        self._stage(k, "select", d / "train.jsonl", select)
+            scores = [row for _, row in read_jsonl(d / "scores.jsonl")]
+            s = cfg.select
+            if cfg.loop.recipe == "rejection-sampling":
+                rows, stats = select_best(scores, s.keep_truncated, cfg.policy.system)
+            else:
+                rows, stats = select_pairs(scores, s.keep_truncated, s.min_margin, cfg.policy.system)
+            if not rows:
+                raise CliError(f"round {k}: no prompt of {d / 'scores.jsonl'} gave a training row ({stats}); "
+                               f"all samples empty, truncated or tied? (raise sample.max_new_tokens)")
+            atomic_write(d / "selection.json", json.dumps(stats) + "\n")
+            write_jsonl(d / "train.jsonl", rows)  # last: its existence marks the stage done
+        self._stage(k, "select", d / "train.jsonl", lambda: self.on_main(select))
 
         def train_round() -> None:
             rows = sum(1 for _ in read_jsonl(d / "train.jsonl"))
             tcfg = round_train_config(cfg, k, self.policy(k), d / "train.jsonl", rows)
+            tcfg.train.resume = latest_checkpoint(Path(tcfg.train.out)) is not None
             check_config(tcfg)
-            train(tcfg, self.rank, self.world, self.device)
-            if self.main and not cfg.loop.keep_checkpoints:  # final/ is in place; the optimizer state is not needed
-                shutil.rmtree(d / "train" / "checkpoints", ignore_errors=True)
+            if not train(tcfg, self.rank, self.world, self.device)["final"]:  # train.stop_after ended it early
+                raise CliError(f"round {k}: training stopped before its last step (train.stop_after); run the same "
+                               f"command again to continue it")
         self._stage(k, "train", d / "train" / "final", train_round)
+        if self.main and not cfg.loop.keep_checkpoints:  # final/ is in place: the optimizer state is not needed
+            shutil.rmtree(d / "train" / "checkpoints", ignore_errors=True)  # (also what a kill before this left)
         return json.loads((d / "selection.json").read_text())
 
     # -- all rounds -------------------------------------------------------------------------------------------
@@ -534,9 +620,15 @@ class Loop:
         rounds: list[dict] = []
         best, since_best = None, 0
         # PairRM's scores are relative to the other samples of a prompt (they sum to 0), so a batch mean compares
-        # nothing across rounds: then the result is the last policy and every round runs.
+        # nothing across rounds: then every round runs, the result is the last policy, and no round is spent
+        # only measuring it.
         relative = cfg.reward.kind == "pairrm"
+        summary = None
         for k in range(cfg.loop.rounds + 1):
+            if relative and k == cfg.loop.rounds:
+                best = {"round": k, "policy": str(self.policy(k))}
+                summary = self.write_summary(rounds, best)
+                break
             m = self.evaluate(k)
             if best is None or relative or m["batch_reward"] > best["batch_reward"]:
                 best, since_best = m, 0
@@ -555,7 +647,8 @@ class Loop:
                 print(table(rounds), file=sys.stderr, flush=True)
             if stop:
                 break
-        self.log(f"best policy: round {best['round']} (batch reward {best['batch_reward']:.4g}): {best['policy']}")
+        why = "the last" if relative else f"batch reward {best['batch_reward']:.4g}"
+        self.log(f"best policy: round {best['round']} ({why}): {best['policy']}")
         return summary
 
     def write_summary(self, rounds: list[dict], best: dict) -> dict:
@@ -565,7 +658,8 @@ class Loop:
         if self.main:
             run = self.run_dir
             atomic_write(run / "summary.json", json.dumps(summary, indent=1) + "\n")
-            plot(rounds, run / "summary.png", f"{self.cfg.loop.recipe}: {run}")
+            if rounds:
+                plot(rounds, run / "summary.png", f"{self.cfg.loop.recipe}: {run}")
             link, tmp = run / "best", run / ".best.tmp"
             if tmp.is_symlink() or tmp.exists():
                 tmp.unlink()

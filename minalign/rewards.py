@@ -35,9 +35,12 @@ and is freed, then the reference does. score.py adds resume, torchrun and FSDP a
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib
 import importlib.util
 import math
+import numbers
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -272,22 +275,35 @@ SPEC_HELP = ("'log-ratio:policy=DIR,reference=DIR[,policy_template=mistral,refer
 
 def load_function(spec: str) -> Callable:
     """The function a 'module:function' or 'path/to/file.py:function' spec names (importing runs that code: it
-    is the user's own). ValueError naming the spec when it cannot be found."""
+    is the user's own; a file is imported once per process, like a module). ValueError naming the spec when it
+    cannot be found or its import fails."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name.isidentifier():
         raise ValueError(f"reward {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
     try:
         if where.endswith(".py"):
-            path = Path(where)
+            path = Path(where).resolve()
             if not path.is_file():
-                raise ValueError(f"reward {spec!r}: {path}: no such file")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+                raise ValueError(f"reward {spec!r}: {where}: no such file")
+            key = f"minalign_user_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}_{path.stem}"
+            module = sys.modules.get(key)
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(key, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[key] = module  # before running it: dataclasses and pickling look the module up
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[key]
+                    raise
         else:
             module = importlib.import_module(where)
     except ImportError as e:
         raise ValueError(f"reward {spec!r}: cannot import {where!r} ({e}); is it on PYTHONPATH?") from None
+    except ValueError:
+        raise
+    except Exception as e:  # the user's module failed while being imported
+        raise ValueError(f"reward {spec!r}: importing {where} failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"reward {spec!r}: {where} has no function {name!r}")
@@ -351,16 +367,18 @@ def call_source(source: RewardSource, rows: list[dict], name: str) -> list[list[
     """source(rows), checked: one list per row, one finite number per response (bools count as 0/1).
     ValueError naming the source (name) and the first row and response at fault."""
     scores = source(rows)
+    scores = scores.tolist() if hasattr(scores, "tolist") else scores  # a numpy array or a tensor
     if not isinstance(scores, (list, tuple)) or len(scores) != len(rows):
         got = f"{len(scores)} items" if isinstance(scores, (list, tuple)) else type(scores).__name__
         raise ValueError(f"reward {name}: expected one list of scores per row ({len(rows)} rows), got {got}")
     out = []
     for k, (row, values) in enumerate(zip(rows, scores)):
         n = len(row.get("responses", ()))
+        values = values.tolist() if hasattr(values, "tolist") else values
         if not isinstance(values, (list, tuple)) or len(values) != n:
             raise ValueError(f"reward {name}: row {k} (id {row.get('id')!r}) has {n} responses but got {values!r}")
         for j, v in enumerate(values):
-            ok = isinstance(v, (int, float)) and math.isfinite(v)  # numpy floats are floats; bool is an int
+            ok = isinstance(v, numbers.Real) and math.isfinite(v)  # numpy's scalars are Reals; a bool is an int
             if not ok:
                 raise ValueError(f"reward {name}: row {k} (id {row.get('id')!r}) responses[{j}]: {v!r} is not a "
                                  f"finite number")

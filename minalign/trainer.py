@@ -559,6 +559,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
         load_optimizer(ckpt, model, optimizer)
+    if main and ckpt is None and (run / "metrics.jsonl").is_file():  # a run killed before its first checkpoint
+        (run / "metrics.jsonl").unlink()
     if main and ckpt is not None:  # metrics of steps after the checkpoint were lost with the run that made them
         metrics = run / "metrics.jsonl"
         if metrics.is_file():

@@ -319,3 +319,31 @@ def test_torchrun_two_processes(models, tmp_path):
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert diff < 1e-5, diff
     assert len(json.loads((tmp_path / "two" / "summary.json").read_text())["rounds"]) == 2
+
+
+def test_train_stop_after_is_continued_by_a_restart(models, tmp_path):
+    """train.stop_after ends a round's training early on purpose; the loop says so and the restart goes on."""
+    over = {"loop.rounds": 1, "loop.epochs": 3, "train.save_every": 1}
+    with pytest.raises(CliError, match="round 0: training stopped before its last step"):
+        run_loop(config(models, tmp_path / "s", **over, **{"train.stop_after": 1}))
+    assert (tmp_path / "s" / "round_0" / "train" / "checkpoints").is_dir()  # kept: the restart needs them
+    summary = run_loop(config(models, tmp_path / "s", **over))
+    assert len(summary["rounds"]) == 2 and not (tmp_path / "s" / "round_0" / "train" / "checkpoints").exists()
+    run_loop(config(models, tmp_path / "whole", **over))
+    w1, w2 = (load_file(tmp_path / d / "round_0" / "train" / "final" / "model.safetensors") for d in ("s", "whole"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_prompts_are_checked_before_any_work(models, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"messages": [{"role": "user", "content": "x"}, '
+                   '{"role": "user", "content": "y"}]}\n')
+    with pytest.raises(ValueError, match=f"{bad}:3: "):
+        run_loop(config(models, tmp_path / "r", **{"prompts.path": bad, "prompts.eval_size": 1}))
+    assert not (tmp_path / "r" / "loop.json").exists()  # nothing recorded: the mended file is accepted
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "' + "word " * 300 + '"}\n')
+    with pytest.raises(ValueError, match=f"{bad}:3: the prompt is .* exceeds the policy's context of 256"):
+        run_loop(config(models, tmp_path / "r", **{"prompts.path": bad, "prompts.eval_size": 1}))
+    with pytest.raises(CliError, match="eval.metric: .* cannot import 'nowhere'"):
+        run_loop(config(models, tmp_path / "r", **{"eval.metric": "nowhere:f"}))
+    assert not (tmp_path / "r" / "loop.json").exists()

@@ -195,3 +195,18 @@ def test_cut_batches():
     assert batches == [[4], [1], [3, 5, 0], [2]], batches  # longest first; count × first length <= 24, or alone
     assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
     assert cut_batches([], 24) == []
+
+
+def test_call_source_checks_the_answer():
+    import numpy as np
+    from minalign.rewards import call_source
+    rows = [{"id": "a", "responses": [{}, {}]}, {"id": "b", "responses": [{}]}]
+    assert call_source(lambda r: [[1, True], [0.5]], rows, "f") == [[1.0, 1.0], [0.5]]
+    assert call_source(lambda r: [np.array([1.5, 2], dtype=np.float32), [np.int64(3)]], rows, "f") == [[1.5, 2.0], [3.0]]
+    for bad, phrase in [(lambda r: [[1.0, 2.0]], "one list of scores per row \\(2 rows\\), got 1 items"),
+                        (lambda r: [[1.0], [2.0]], "row 0 \\(id 'a'\\) has 2 responses but got \\[1.0\\]"),
+                        (lambda r: [[1.0, float("nan")], [2.0]], "row 0 \\(id 'a'\\) responses\\[1\\]: nan is not"),
+                        (lambda r: [[1.0, "2"], [2.0]], "responses\\[1\\]: '2' is not a finite number"),
+                        (lambda r: None, "got NoneType")]:
+        with pytest.raises(ValueError, match="reward f: .*" + phrase):
+            call_source(bad, rows, "f")

@@ -468,5 +468,11 @@ def test_best_of_keeps_the_highest_reward(model_dir, reference, tmp_path, capsys
             sample.main(best_of("o.jsonl", *extra))
         assert phrase in capsys.readouterr().err
     code, err = run_main(best_of("o2.jsonl", "--best-of", "3", "--reward", "no_such_module:f"), capsys)
-    assert code == 2 and "cannot import 'no_such_module'" in err, err
-    assert (tmp_path / "o2.jsonl.partial").is_file()  # the samples are kept for a --resume with another --reward
+    assert code == 2 and "cannot import 'no_such_module'" in err, err  # found before any sampling
+    # a reward that fails on the rows: the samples are kept for a --resume with a mended reward
+    (tmp_path / "broken.py").write_text("def broken(rows):\n    return [[0.0] for row in rows]\n")
+    code, err = run_main(best_of("o3.jsonl", "--best-of", "3", "--reward", f"{tmp_path / 'broken.py'}:broken"), capsys)
+    assert code == 2 and "broken: row 0 (id 1) has 3 responses but got [0.0]" in err, err
+    assert len((tmp_path / "o3.jsonl.partial").read_text().splitlines()) > 1 and not (tmp_path / "o3.jsonl").exists()
+    code, err = run_main(best_of("o3.jsonl", "--best-of", "3", "--reward", f"{fn}:vowels", "--resume"), capsys)
+    assert code == 0 and (tmp_path / "o3.jsonl").read_bytes() == (tmp_path / "best.jsonl").read_bytes()

@@ -41,7 +41,7 @@ from minalign.cli import CliError, append_lines, open_partials, partial_entries,
 from minalign.config import from_hf_config
 from minalign.data import DataError, file_sha256, jsonl_line, prompt_of, read_jsonl
 from minalign.progress import Progress
-from minalign.rewards import SPEC_HELP, from_spec, score_rows
+from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.sampling import generate
 from minalign.selection import best_index
 
@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.best_of:
         if args.reward is None:
             p.error("--best-of needs --reward SPEC")
+        try:
+            parse_spec(args.reward)
+        except ValueError as e:
+            p.error(f"--reward: {e}")
         if args.num_samples not in (None, args.best_of):
             p.error("--best-of N sets the number of samples: leave out -n")
         args.num_samples = args.best_of
@@ -207,6 +211,12 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     if done and main_rank:
         print(f"sample.py: resuming: {len(done)} of {len(jobs)} prompts are done", file=sys.stderr)
 
+    reward = None
+    if args.best_of and main_rank:  # now, so a reward that cannot be loaded fails before the sampling
+        try:
+            reward = from_spec(args.reward, device=device)
+        except (OSError, ValueError) as e:
+            raise CliError(f"--reward: {e}") from None
     try:
         model = minalign.load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
     except CheckpointError as e:  # names the file or keys at fault
@@ -236,8 +246,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
     (generated,) = distributed.all_sum([generated])
     if main_rank:
-        merged = merge(out, ours, settings, jobs, best_of_reward=args.reward if args.best_of else None,
-                       device=device)
+        merged = merge(out, ours, settings, jobs, reward, args.reward)
         # The counts describe the output file; the rate is of the tokens this run generated (all ranks).
         tokens = sum(len(r["token_ids"]) for row in merged for r in row["responses"])
         extra = (f", {len(done)} resumed" if done else "") + (f", skipped {len(skipped)}" if skipped else "")
@@ -249,17 +258,16 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     return 0
 
 
-def merge(out: Path, partials: list[Path], settings: dict, jobs: list[Job], best_of_reward: str | None = None,
-          device: torch.device | None = None) -> list[dict]:
+def merge(out: Path, partials: list[Path], settings: dict, jobs: list[Job], reward=None, spec: str = "") -> list[dict]:
     """Write the rows of all partial files to out in input order (atomically), then remove the partials.
-    best_of_reward: a reward spec; each row then keeps only its best response (see the module doc)."""
+    reward: a reward source (from the --reward spec); each row then keeps only its best response (module doc)."""
     rows = finished_rows(partial_entries(partials, PARTIAL_FORMAT, settings), {j.line for j in jobs})
     missing = [j.line for j in jobs if j.line not in rows]
     assert not missing, f"the prompts of lines {missing[:10]} are in no partial file"
     rows = [rows[j.line] for j in jobs]
-    if best_of_reward is not None:  # the partial files stay until the output is written: a kill here redoes only this
+    if reward is not None:  # the partial files stay until the output is written: a kill here redoes only this
         try:
-            scored = score_rows(from_spec(best_of_reward, device=device), rows, best_of_reward)
+            scored = score_rows(reward, rows, spec)
         except (OSError, ValueError) as e:
             raise CliError(f"--reward: {e}") from None
         rows = [{**row, "responses": [row["responses"][best_index(row)]],
