@@ -1,42 +1,52 @@
 """The CPU demo's task and setup: arithmetic questions with a ground truth, a tokenizer, a noisy base model and a
-clean "instruct" teacher tuned from it — everything the rejection-sampling loop needs, built in about a minute.
+clean "instruct" teacher tuned from it: what the rejection-sampling loop needs, built in ~30 s on 2 CPU cores.
 
-Merlinite-7B-pt's finding: a policy improves by rejection sampling from itself with the reward
+Merlinite-7B-pt's finding: a policy improves by rejection sampling from itself (N samples per prompt, keep the one
+with the highest reward, SFT on those, repeat) with the reward
 
     r(x, y) = log π_teacher(y | x) − log π_base(y | x)
 
-of an off-the-shelf pair (Mixtral-8x7B-Instruct over Mixtral-8x7B), with no reward model trained and no labels.
-The demo plays that out in miniature on a task whose ground truth is known, so the reward's choices can be checked:
+of an off-the-shelf pair, Mixtral-8x7B-Instruct over Mixtral-8x7B: no reward model trained, no labels. The demo
+plays that out in miniature on a task with a ground truth, so what the reward picks can be checked:
 
-    task     "What is 7 plus 5?" → "12": sources add, sub, mul ("plus", "minus", "times"), operands
-             0..max_operand. The answer follows from the question text alone, so `accuracy` needs no labels file.
-    base     a tiny Mistral from random weights, SFT on noisy answers: each question answered noisy_answers times,
-             a share p_correct of them right and the rest the right answer ± 1, 2 or 3, each offset equally often.
-    teacher  the base, SFT on the right answers (Mixtral-Instruct is Mixtral tuned): the same knowledge, sharper.
-    reward   for a right answer ≈ log(q / p_correct) > 0 (q: the teacher's probability of it, near 1); for a wrong
-             one ≈ log(q' · 6 / (1 − p_correct)) < 0 (q' small): right answers win without any label.
+    task     "What is 7 plus 5?" → "12". Sources add, sub, mul ("plus", "minus", "times"), operands 0..max_operand
+             (a difference may be negative). The answer follows from the question text, so `accuracy` needs no
+             labels file.
+    base     a tiny Mistral from random weights, SFT on noisy answers (noisy.jsonl): every question answered
+             noisy_answers times, a share p_correct of them right, the others the right answer ± 1, 2 or 3.
+    teacher  the base, SFT on the right answers (clean.jsonl), as Mixtral-Instruct is Mixtral tuned: the same
+             knowledge, stated with confidence.
+    reward   a right answer gets ≈ log(0.99 / 0.35) ≈ +1 (the teacher is sure of it, the base is not); a near miss
+             ≈ −8 (the base gives it ~0.1, the teacher next to nothing). Seed 0, eval.jsonl: means +0.98 and −8.2,
+             and the right answer beats all six near misses on every prompt, with no label used.
+
+Measured with the defaults (seeds 0-2): at temperature 1 the base is right 0.27-0.38 of the time on eval.jsonl, the
+teacher 0.97-0.99. Rounds of best-of-8 over the 240 pool prompts (SFT 4 epochs, lr 1e-3, from the previous
+round's policy) raise the round's mean reward and accuracy every round (seed 0: −4.24 / 0.37 → −1.55 / 0.64 →
+−0.58 / 0.75) and held-out accuracy with them (0.38 → 0.55 → 0.64).
 
 Why it is built this way:
-- Wrong answers are near misses in fixed proportions, not random strings: the base then holds the answer as the
-  mode of a spread around it, and "narrow the spread" is one direction shared by all questions. Rejection sampling
-  on the pool's prompts moves the policy along it, so held-out prompts improve too — the generalisation the
-  Merlinite recipe relies on (it aligns on one prompt set and is judged on others).
-- Each question's noisy answers have exactly round(p_correct · noisy_answers) right ones and the wrong offsets in
-  turn: the base's per-question odds are then p_correct for every question, not a binomial draw around it, which
-  keeps the demo's outcome steady from seed to seed.
-- Base and teacher see every question (the pool's and the held-out ones): they stand for pretrained models that
-  know the world. What is held out is held out from the alignment rounds: eval.jsonl measures whether the gains on
-  the sampled pool carry over to prompts never sampled.
-- The tokenizer is trained here, like Mistral's (sentencepiece BPE, <unk>=0, <s>=1, </s>=2, digits split), on the
-  task's own text, so its vocabulary is small (a 64-piece one makes "[INST]", " What", " times" single pieces) and
-  the lm_head cheap. The chat template is "mistral" (`<s>[INST] q [/INST]a</s>`) for the policy and both reward
-  models: they share one tokenizer and one prompt rendering, so the log ratio compares like with like.
-- Both models are trained by minalign's own trainer (SFT, the same code a real run uses).
+- Wrong answers are near misses, not random strings: trained on them, the base holds the right answer as the mode
+  of a spread over neighbouring numbers (blurrier than its data: right ~0.35 of the time, not p_correct), and
+  "narrow the spread" is one direction shared by every question. Rejection sampling on the pool moves the policy
+  along it, so held-out prompts improve too: the generalisation the Merlinite recipe relies on.
+- Each question gets exactly round(p_correct · noisy_answers) right answers and the offsets in turn (each as often
+  as the others), not random draws: the noise is the same for every question, so results vary little by seed.
+- Base and teacher see every question, the pool's and the held-out ones: they stand for pretrained models that
+  know the world. What is held out is held out from the alignment rounds: eval.jsonl measures whether gains on the
+  sampled pool carry over to prompts never sampled.
+- The tokenizer is trained here like Mistral's (sentencepiece BPE, <unk>=0, <s>=1, </s>=2, digits split) on the
+  task's own text: 64 pieces ("INST", "▁What", "▁times" among them) and a cheap lm_head. The template is "mistral"
+  (`<s>[INST] q [/INST]a</s>`) for the policy and both reward models: one tokenizer and one rendering, so the log
+  ratio compares like with like.
+- Both models are trained with minalign's trainer (SFT), the code a real run uses; a model's 3000 + 300 steps
+  (batch 32) are most of the setup's time.
 
-Artifacts in `out` (each written atomically: a temp file or dir, then os.replace; a kill leaves none half-written,
-and a rerun skips what exists): demo.json (the settings, checked on a rerun), prompts.jsonl (the alignment pool) and
-eval.jsonl (held out), rows {"id", "prompt", "source"}; tokenizer/; noisy.jsonl and clean.jsonl (the SFT rows of
-base and teacher, {"prompt", "response"}); base/ and teacher/ (HF checkpoint dirs with the tokenizer files).
+Artifacts in `out`, each written atomically (a temp file or dir, then os.replace: a kill leaves none half-written)
+and skipped by a rerun when it exists: demo.json (the settings; a rerun with others is refused), prompts.jsonl (the
+alignment pool) and eval.jsonl (held out), rows {"id", "prompt", "source"}; tokenizer/; noisy.jsonl and clean.jsonl
+(the SFT rows of base and teacher, {"prompt", "response"}); base/ and teacher/ (HF checkpoint dirs with the
+tokenizer files).
 """
 from __future__ import annotations
 
@@ -47,7 +57,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,40 +71,65 @@ from minalign.trainer import DataSection, ModelSection, TrainConfig, TrainSectio
 
 TEMPLATE = "mistral"  # chat template of the policy and of both reward models
 OPERATIONS = {"add": ("plus", lambda a, b: a + b), "sub": ("minus", lambda a, b: a - b),
-              "mul": ("times", lambda a, b: a * b)}  # source -> (word in the question, the ground truth)
+              "mul": ("times", lambda a, b: a * b)}  # source -> (its word in the question, the ground truth)
 OFFSETS = (1, -1, 2, -2, 3, -3)  # a wrong answer is the right one plus one of these
 QUESTION = re.compile(r"What is (\d+) (plus|minus|times) (\d+)\?")
-MAX_ANSWER_TOKENS = 4  # "▁-", two digits, "</s>" (or "▁", two digits, "</s>"): max_new_tokens must allow this
-MAX_LENGTH = 32  # prompt + answer tokens of any demo row (~20), with room to spare
+MAX_LENGTH = 64  # the models' context; a demo row takes ~20 tokens, the answer 3-5 of them ("▁", "-", digits, "</s>")
 
 
 @dataclass
 class DemoSection:
+    """The [demo] table of a loop config: where the setup goes, and how the task and its two models are made."""
+
     out: str = "runs/demo/setup"  # where build() writes its artifacts
-    seed: int = 0  # of the data split, the noisy answers, the weights and the training order
+    seed: int = 0  # of the split, the noisy answers, the initial weights and the training order
     max_operand: int = 9  # operands are 0..max_operand: 3·(max_operand + 1)² questions in all
     eval_per_source: int = 20  # held-out questions per source (eval.jsonl); the rest are the pool (prompts.jsonl)
-    noisy_answers: int = 10  # the base's answers per question
-    p_correct: float = 0.4  # the share of them that is right; the base's accuracy at temperature 1
-    vocab_size: int = 64  # sentencepiece pieces
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    batch_size: int = 32  # rows per optimizer step, base and teacher
-    base_steps: int = 600  # SFT steps of the base on noisy.jsonl
-    base_lr: float = 3e-3
-    teacher_steps: int = 150  # SFT steps of the teacher (from the base) on clean.jsonl
-    teacher_lr: float = 1e-3
+    noisy_answers: int = 12  # the base's SFT answers per question (noisy.jsonl)
+    p_correct: float = 0.5  # the share of them that is right (the base, blurring neighbours, is right ~0.35 at T=1)
+    vocab_size: int = 64  # sentencepiece pieces at most (fewer if the text has fewer to offer)
+    hidden_size: int = 64  # of the tiny Mistral (4 query heads over 2 key/value heads): a multiple of 8
+    intermediate_size: int = 128  # of its MLP
+    num_layers: int = 2  # its decoder layers
+    batch_size: int = 32  # rows per optimizer step when training base and teacher (one forward each on a CPU)
+    base_steps: int = 3000  # SFT steps of the base on noisy.jsonl (~27 epochs at the defaults)
+    base_lr: float = 3e-3  # its peak learning rate (linear warmup over 5% of the steps, then cosine to 10%)
+    teacher_steps: int = 300  # SFT steps of the teacher, from the base, on clean.jsonl (~32 epochs)
+    teacher_lr: float = 2e-3  # its peak learning rate
+
+
+def check(d: DemoSection) -> None:
+    """CliError naming each demo.<key> whose value is out of range."""
+    questions = (d.max_operand + 1) ** 2  # per source
+    problems = {"demo.out is required": not d.out,
+                "demo.max_operand must be >= 1": d.max_operand < 1,
+                f"demo.eval_per_source must be in 1..{questions - 1} (questions per source, minus one for the pool)":
+                    not 1 <= d.eval_per_source < questions,
+                f"demo.p_correct {d.p_correct} · noisy_answers {d.noisy_answers} must round to "
+                f"1..{d.noisy_answers - 1} (some answers right, some wrong)":
+                    not 0 < round(d.p_correct * d.noisy_answers) < d.noisy_answers,
+                "demo.noisy_answers, vocab_size, intermediate_size, num_layers, batch_size, base_steps, "
+                "teacher_steps must be >= 1": min(d.noisy_answers, d.vocab_size, d.intermediate_size, d.num_layers,
+                                                  d.batch_size, d.base_steps, d.teacher_steps) < 1,
+                "demo.hidden_size must be a positive multiple of 8 (4 heads, an even head_dim for RoPE)":
+                    d.hidden_size < 8 or d.hidden_size % 8,
+                f"demo.batch_size must be at most the number of questions, {3 * questions} (the teacher's rows)":
+                    d.batch_size > 3 * questions,
+                "demo.base_lr and teacher_lr must be > 0": not (d.base_lr > 0 and d.teacher_lr > 0)}
+    bad = [msg for msg, wrong in problems.items() if wrong]
+    if bad:
+        raise CliError("; ".join(bad))
 
 
 # ------------------------------------------------------------------------------------------------------ the task
 
 def question(source: str, a: int, b: int) -> str:
+    """The prompt text of a question: "What is 7 plus 5?"."""
     return f"What is {a} {OPERATIONS[source][0]} {b}?"
 
 
 def answer(prompt: str) -> int | None:
-    """The ground truth of a demo question, or None if prompt is not one."""
+    """The ground truth of a demo question (surrounding whitespace ignored), or None if prompt is not one."""
     m = QUESTION.fullmatch(prompt.strip())
     if m is None:
         return None
@@ -105,16 +140,20 @@ def answer(prompt: str) -> int | None:
 
 def accuracy(rows: list[dict]) -> list[list[float]]:
     """Ground-truth metric with the reward-source interface: for each samples row ({"prompt": str, "responses":
-    [{"text": str, ...}, ...]}) one 1.0/0.0 per response — is its text, stripped of surrounding whitespace, the
-    right answer. ValueError naming the row for a prompt that is not a demo question or a response without text."""
+    [{"text": str, ...}, ...]}) one 1.0/0.0 per response: is its text, stripped of surrounding whitespace, the
+    right answer in digits. ValueError naming the row for a prompt that is not a demo question, or for a response
+    without text. No model is involved: the loop can log it beside the reward without training on it."""
     out = []
     for k, row in enumerate(rows):
         prompt = row.get("prompt")
         truth = answer(prompt) if isinstance(prompt, str) else None
         if truth is None:
             raise ValueError(f"row {k}: prompt {prompt!r} is not a demo question (\"What is A plus|minus|times B?\")")
+        responses = row.get("responses")
+        if not isinstance(responses, list):
+            raise ValueError(f'row {k}: a samples row needs a "responses" list')
         scores = []
-        for j, r in enumerate(row.get("responses") or []):
+        for j, r in enumerate(responses):
             if not isinstance(r, dict) or not isinstance(r.get("text"), str):
                 raise ValueError(f'row {k}: responses[{j}] needs a "text" string')
             scores.append(float(r["text"].strip() == str(truth)))
@@ -123,9 +162,9 @@ def accuracy(rows: list[dict]) -> list[list[float]]:
 
 
 def split(d: DemoSection) -> tuple[list[dict], list[dict]]:
-    """(pool, held-out) prompt rows {"id", "prompt", "source"}: eval_per_source random questions of each source
-    are held out."""
-    rng = random.Random(f"split/{d.seed}")
+    """(pool, held-out) prompt rows {"id": "add-7-5", "prompt", "source": "add"}: eval_per_source random questions
+    of each source are held out."""
+    rng = random.Random(f"split/{d.seed}")  # a string seed: the same draw on every Python
     pool, held = [], []
     n = d.max_operand + 1
     for source in OPERATIONS:
@@ -165,11 +204,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> minalign.Tokenizer:
     split, whitespace kept verbatim; no byte fallback (the demo's text is a few ASCII characters, and 256 byte
     pieces would quintuple the vocabulary)."""
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=False, split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        add_dummy_prefix=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        num_threads=1)  # one thread: the same pieces on every machine
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=False, split_digits=True, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", add_dummy_prefix=True, character_coverage=1.0,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+            hard_vocab_limit=False,  # a small task (the tests') has fewer possible pieces: vocab_size is a ceiling
+            num_threads=1)  # one thread: the same pieces on every machine
+    except RuntimeError as e:  # e.g. fewer pieces than the text has characters
+        raise CliError(f"demo.vocab_size {vocab_size}: sentencepiece cannot train: {e}") from None
     return minalign.Tokenizer(spm.SentencePieceProcessor(model_proto=buf.getvalue()))
 
 
@@ -177,20 +221,24 @@ def model_config(d: DemoSection, vocab_size: int) -> minalign.ModelConfig:
     """tiny-mistral at the demo's sizes; no sliding window (a demo row is shorter than any useful window)."""
     return minalign.get_config("tiny-mistral", vocab_size=vocab_size, hidden_size=d.hidden_size,
                                intermediate_size=d.intermediate_size, num_hidden_layers=d.num_layers,
-                               max_position_embeddings=2 * MAX_LENGTH, sliding_window=None)
+                               max_position_embeddings=MAX_LENGTH, sliding_window=None)
 
 
 def sft(init: Path, data: Path, steps: int, lr: float, d: DemoSection, run: Path) -> Path:
     """SFT of checkpoint init on data with minalign's trainer, in run dir `run`; returns its final/ dir."""
     cfg = TrainConfig(
         model=ModelSection(path=str(init), template=TEMPLATE),
-        data=DataSection(path=str(data), max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - MAX_ANSWER_TOKENS),
+        data=DataSection(path=str(data), max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - 8),
         train=TrainSection(mode="sft", out=str(run), steps=steps, batch_size=d.batch_size,
                            micro_batch_size=d.batch_size,  # one forward per step: the fastest on a CPU
                            lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1, seed=d.seed,
                            log_every=max(1, steps // 4), device="cpu"))
     check_config(cfg)
-    return train(cfg, device=torch.device("cpu"))["final"]
+    done = train(cfg, device=torch.device("cpu"))
+    if done["stats"].truncated_prompts or done["stats"].truncated_responses:  # only a tiny demo.vocab_size can do it
+        raise CliError(f"{data}: rows longer than the demo models' context of {MAX_LENGTH} tokens; raise "
+                       f"demo.vocab_size")
+    return done["final"]
 
 
 def _settings(d: DemoSection) -> dict:
@@ -203,6 +251,7 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
     {"base": dir, "teacher": dir, "prompts": file, "eval": file}. Resumable: each artifact is skipped when it
     already exists; every artifact is written atomically (temp file/dir + os.replace), so a kill leaves no
     half-written one. CliError if d.out was built with other settings (demo.json says which)."""
+    check(d)
     out = Path(d.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "demo.json"
@@ -234,17 +283,18 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
         # Trained on what the models will read: the prompts as the template renders them, and every answer offered.
         texts = [f"[INST] {r['prompt']} [/INST]" for _, r in read_jsonl(data["noisy"])]
         texts += [r["response"] for _, r in read_jsonl(data["noisy"])]
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed build's
         train_tokenizer(texts, d.vocab_size).save(tmp)
         os.replace(tmp, tok_dir)
-        log(f"demo: tokenizer ({d.vocab_size} pieces) -> {tok_dir}")
+        log(f"demo: tokenizer ({minalign.load_tokenizer(tok_dir).vocab_size} ids) -> {tok_dir}")
     tokenizer = minalign.load_tokenizer(tok_dir)
 
     for name, init, key, steps, lr in (("base", None, "noisy", d.base_steps, d.base_lr),
                                        ("teacher", paths["base"], "clean", d.teacher_steps, d.teacher_lr)):
         if paths[name].is_dir():
             continue
-        # A killed run is started over (it holds no checkpoint before its last step, and takes about a minute).
+        # A killed run is started over (it holds no checkpoint before its last step, and takes well under a minute).
         run = out / f"{name}.run"
         shutil.rmtree(run, ignore_errors=True)
         if init is None:  # the base starts from random weights, saved with the tokenizer as the trainer's input
@@ -253,7 +303,8 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
             minalign.save_model(model, init)
             tokenizer.save(init)
         log(f"demo: training the {name} ({steps} SFT steps on {data[key]})")
+        began = time.perf_counter()
         os.replace(sft(init, data[key], steps, lr, d, run), paths[name])
         shutil.rmtree(run)
-        log(f"demo: {name} -> {paths[name]}")
+        log(f"demo: {name} ({time.perf_counter() - began:.0f} s) -> {paths[name]}")
     return paths

@@ -1,0 +1,161 @@
+"""minalign.demo: the ground-truth metric, a reduced demo built once — whose learning signal is real: the teacher/base
+log-ratio ranks the right answer above its near misses — and build's resume (what exists is skipped, what is missing
+is rebuilt, a killed run's leftovers are cleared, other settings are refused).
+"""
+import collections
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+import minalign
+from minalign import demo
+from minalign.chat import end_token_id, render_prompt
+from minalign.cli import CliError
+from minalign.data import read_jsonl
+from minalign.rewards import LogRatioReward
+from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
+
+# 75 questions (operands 0..4), 15 of them held out; builds in ~5 s on one thread (the defaults: 300 questions,
+# 3000 + 300 steps, ~30 s on two).
+SMALL = dict(max_operand=4, eval_per_source=5, base_steps=300, teacher_steps=100)
+# Measured with SMALL, seeds 0-3, over all 75 questions: the right answer beats all six near misses on 0.98-1.0
+# of them; the base gives the right answer 0.25-0.28 of its probability, the teacher 0.83-0.89; sampled at
+# temperature 1 (4 per question), the base is right 0.23-0.29 of the time, the teacher 0.82-0.90.
+RANKED_FIRST_MIN = 0.8
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(settings, paths, log lines) of the reduced demo, built once."""
+    d = demo.DemoSection(out=str(tmp_path_factory.mktemp("demo") / "setup"), **SMALL)
+    lines = []
+    return d, demo.build(d, log=lines.append), lines
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)]
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_accuracy_reads_the_ground_truth_from_the_prompt():
+    rows = [{"prompt": "What is 7 plus 5?", "responses": [{"text": "12"}, {"text": "13"}, {"text": " 12\n"},
+                                                           {"text": "12 apples"}, {"text": "⁇ 1"}, {"text": ""}]},
+            {"prompt": "What is 3 minus 8?", "responses": [{"text": "-5", "token_ids": [5]}, {"text": "5"}]},
+            {"prompt": " What is 9 times 9? ", "responses": [{"text": "81"}, {"text": "081"}, {"text": "8 1"}]},
+            {"prompt": "What is 0 times 4?", "responses": []}]
+    assert demo.accuracy(rows) == [[1.0, 0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0], [1.0, 0.0, 0.0], []]
+    with pytest.raises(ValueError, match=r"row 1: prompt 'What is 7 plus five\?' is not a demo question"):
+        demo.accuracy([rows[0], {"prompt": "What is 7 plus five?", "responses": [{"text": "12"}]}])
+    with pytest.raises(ValueError, match=r'row 0: responses\[1\] needs a "text" string'):
+        demo.accuracy([{"prompt": "What is 1 plus 1?", "responses": [{"text": "2"}, {"token_ids": [3]}]}])
+    with pytest.raises(ValueError, match="row 0: prompt .* is not a demo question"):
+        demo.accuracy([{"prompt": [{"role": "user", "content": "What is 1 plus 1?"}], "responses": []}])
+
+
+def test_check_names_the_bad_keys():
+    with pytest.raises(CliError, match=r"demo.p_correct 0.97 · noisy_answers 12 must round to 1..11"):
+        demo.check(demo.DemoSection(p_correct=0.97))
+    with pytest.raises(CliError, match=r"demo.eval_per_source must be in 1..24.*demo.hidden_size must be"):
+        demo.check(demo.DemoSection(max_operand=4, eval_per_source=25, hidden_size=60))
+    demo.check(demo.DemoSection(**SMALL))
+
+
+def test_build_writes_the_task_and_two_models(built):
+    d, paths, lines = built
+    out = Path(d.out)
+    assert set(paths) == {"base", "teacher", "prompts", "eval"}
+    pool, held = rows_of(paths["prompts"]), rows_of(paths["eval"])
+    assert all(set(r) == {"id", "prompt", "source"} and demo.answer(r["prompt"]) is not None for r in pool + held)
+    assert collections.Counter(r["source"] for r in held) == {"add": 5, "sub": 5, "mul": 5}
+    assert collections.Counter(r["source"] for r in pool) == {"add": 20, "sub": 20, "mul": 20}
+    assert not {r["prompt"] for r in pool} & {r["prompt"] for r in held}
+    assert len({r["id"] for r in pool + held}) == 75
+
+    # The base's data: every question 12 times, 6 right, each near miss once; the teacher's: every question, right.
+    noisy = collections.defaultdict(list)
+    for r in rows_of(out / "noisy.jsonl"):
+        noisy[r["prompt"]].append(int(r["response"]) - demo.answer(r["prompt"]))
+    assert len(noisy) == 75 and all(sorted(v) == sorted([0] * 6 + list(demo.OFFSETS)) for v in noisy.values())
+    clean = rows_of(out / "clean.jsonl")
+    assert len(clean) == 75 and all(r["response"] == str(demo.answer(r["prompt"])) for r in clean)
+
+    for name in ("base", "teacher"):
+        tok = minalign.load_tokenizer(paths[name])
+        assert (tok.unk_id, tok.bos_id, tok.eos_id, end_token_id(tok, demo.TEMPLATE)) == (0, 1, 2, 2)
+        assert minalign.load_model(paths[name]).config.vocab_size == tok.vocab_size
+    assert not list(out.glob("*.run")) and not list(out.glob(".*"))  # the training runs and temp dirs are gone
+    assert [line.split(" -> ")[-1] for line in lines if " -> " in line] == [
+        str(out / name) for name in ("prompts.jsonl", "eval.jsonl", "noisy.jsonl", "clean.jsonl", "tokenizer", "base",
+                                     "teacher")]
+
+
+def test_log_ratio_ranks_the_right_answer_above_near_misses(built):
+    """For every question, the right answer and its six near misses (tokenized as the sampler would emit them,
+    end token included), scored by log π_teacher − log π_base: the right one should come first."""
+    _, paths, _ = built
+    tok = minalign.load_tokenizer(paths["base"])
+    end = end_token_id(tok, demo.TEMPLATE)
+    rows = []
+    for r in rows_of(paths["eval"]) + rows_of(paths["prompts"]):
+        truth = demo.answer(r["prompt"])
+        rows.append({"prompt": r["prompt"], "responses": [{"token_ids": tok.encode(str(truth + o)) + [end]}
+                                                          for o in (0, *demo.OFFSETS)]})
+    scored = LogRatioReward(paths["teacher"], paths["base"], policy_template=demo.TEMPLATE,
+                            reference_template=demo.TEMPLATE).score(rows)
+    rewards = [[r["reward"] for r in row["responses"]] for row in scored]
+    first = sum(all(r[0] > x for x in r[1:]) for r in rewards) / len(rewards)
+    assert first >= RANKED_FIRST_MIN, f"the right answer has the highest reward on only {first:.3f} of the questions"
+    # Why: the base is unsure of the right answer, the teacher sure of it.
+    base = sum(math.exp(row["responses"][0]["reference_logprob"]) for row in scored) / len(scored)
+    teacher = sum(math.exp(row["responses"][0]["policy_logprob"]) for row in scored) / len(scored)
+    assert base < 0.5 and teacher > 0.7, f"P(right answer): base {base:.3f}, teacher {teacher:.3f}"
+
+
+def test_sampled_answers_are_scored_by_accuracy(built):
+    """Sampled at temperature 1, the base is right far less often than the teacher (texts as the sampler decodes
+    them, so accuracy's reading of them is tested too)."""
+    _, paths, _ = built
+    tok = minalign.load_tokenizer(paths["base"])
+    prompts = rows_of(paths["eval"]) + rows_of(paths["prompts"])
+    ids = [render_prompt(tok, demo.TEMPLATE, r["prompt"]) for r in prompts]
+    rate = {}
+    for name in ("base", "teacher"):
+        samples = minalign.generate(minalign.load_model(paths[name]), ids, n=4, max_new_tokens=8, temperature=1.0,
+                                    stop_token_ids=[end_token_id(tok, demo.TEMPLATE)], tokenizer=tok, seed=0)
+        rows = [{"prompt": r["prompt"], "responses": [{"text": s.text} for s in ss]} for r, ss in zip(prompts, samples)]
+        scores = [x for row in demo.accuracy(rows) for x in row]
+        rate[name] = sum(scores) / len(scores)
+    assert rate["base"] < 0.5 < 0.7 < rate["teacher"], rate
+
+
+def test_build_resumes(built, tmp_path):
+    d, paths, _ = built
+    copy = tmp_path / "setup"
+    shutil.copytree(d.out, copy)  # copy2: mtimes kept
+    again = demo.DemoSection(out=str(copy), **SMALL)
+    before = mtimes(copy)
+    lines = []
+    assert demo.build(again, log=lines.append) == {k: copy / p.name for k, p in paths.items()}
+    assert lines == [] and mtimes(copy) == before  # nothing redone, nothing touched
+
+    # A killed teacher run left its run dir and temp files; eval.jsonl was deleted: both come back, nothing else.
+    shutil.rmtree(copy / "teacher")
+    (copy / "eval.jsonl").unlink()
+    (copy / "teacher.run" / "checkpoints").mkdir(parents=True)
+    (copy / "teacher.run" / "latest.json").write_text('{"checkpoint": "checkpoints/step_000050", "step": 50}\n')
+    demo.build(again, log=lines.append)
+    assert [line.split(" -> ")[-1] for line in lines if " -> " in line] == [str(copy / "eval.jsonl"),
+                                                                            str(copy / "teacher")]
+    assert rows_of(copy / "eval.jsonl") == rows_of(paths["eval"])
+    assert minalign.load_model(copy / "teacher") is not None and not (copy / "teacher.run").exists()
+    after = mtimes(copy)
+    assert {k: v for k, v in after.items() if not k.startswith(("teacher", "eval"))} == \
+        {k: v for k, v in before.items() if not k.startswith(("teacher", "eval"))}
+
+    with pytest.raises(CliError, match=r"demo.json: .* other settings \(seed 0 -> 1\)"):
+        demo.build(demo.DemoSection(out=str(copy), **{**SMALL, "seed": 1}))
