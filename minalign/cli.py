@@ -134,6 +134,18 @@ def read_settings(cfg, path: str | None, overrides: list[tuple[str, str]] = ()):
     return cfg
 
 
+def changed_settings(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ between two settings dicts, sorted, nested tables as "section.key"."""
+    out = []
+    for k in sorted({*then, *now}):
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def partial_path(out: Path, rank: int, world: int) -> Path:
     """Where a rank keeps its finished work until the output is complete."""
     return out.with_name(out.name + ".partial" + (f".rank{rank}" if world > 1 else ""))

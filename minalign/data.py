@@ -110,6 +110,15 @@ def prompt_of(row: dict) -> str | list[dict]:
     return messages_of(row["messages"], "messages")
 
 
+def as_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
+    """A prompt as messages: a string is one user message; system, when given, goes first unless the prompt has a
+    system message of its own (a row's own wins)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
 def messages_of(messages, key: str) -> list[dict]:
     """messages, the value of field key, checked to be a non-empty list of {"role", "content"} strings."""
     if not isinstance(messages, list) or not messages:

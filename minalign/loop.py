@@ -45,8 +45,8 @@ import torch
 from minalign import distributed
 from minalign.chat import TEMPLATES, render_prompt
 from minalign.config import from_hf_config
-from minalign.cli import CliError, read_settings
-from minalign.data import DataError, atomic_write, prompt_of, read_jsonl, write_jsonl
+from minalign.cli import CliError, changed_settings, read_settings
+from minalign.data import DataError, as_messages, atomic_write, prompt_of, read_jsonl, write_jsonl
 from minalign.demo import DemoSection
 from minalign.rewards import NORMALIZE, REWARD_KINDS, call_source, load_function, reward_source, score_rows
 from minalign.selection import select_best, select_pairs
@@ -364,6 +364,7 @@ class Loop:
         self.main = distributed.is_main()
         self.run_dir = cfg.run_dir
         self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._python_reward = self._metric_fn = None  # imported once, when first needed
 
     def log(self, text: str) -> None:
         if self.main:
@@ -392,9 +393,7 @@ class Loop:
         saved = run / "loop.json"
         if saved.is_file():
             then = json.loads(saved.read_text())["settings"]
-            diffs = [f"{s}.{k}" for s in sorted({*then, *settings}) for k in sorted({*then.get(s, {}),
-                                                                                     *settings.get(s, {})})
-                     if then.get(s, {}).get(k) != settings.get(s, {}).get(k)]
+            diffs = changed_settings(then, settings)
             if diffs:
                 free = ", ".join(f"{s}.{k}" for s, ks in RESUMABLE_CHANGES.items() for k in sorted(ks))
                 raise CliError(f"{run} holds a loop run with other settings ({', '.join(diffs)}): restart it with "
@@ -421,7 +420,7 @@ class Loop:
             write_jsonl(run / "pool.jsonl", pool)
         self.on_main(prepare)
         self.pool = [row for _, row in read_jsonl(run / "pool.jsonl")]
-        self.has_eval = bool([1 for _ in read_jsonl(run / "eval_prompts.jsonl")])
+        self.has_eval = next(read_jsonl(run / "eval_prompts.jsonl"), None) is not None
 
     def _prompt_check(self) -> Callable[[str | list[dict]], None]:
         """A check of one prompt as the sample stage will render it: the policy's template accepts its roles and
@@ -434,10 +433,7 @@ class Loop:
             raise CliError(f"policy.path {cfg.policy.path}: {e}") from None
 
         def check(prompt) -> None:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if cfg.policy.system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": cfg.policy.system}, *messages]
-            n = len(render_prompt(tokenizer, cfg.policy.template, messages))
+            n = len(render_prompt(tokenizer, cfg.policy.template, as_messages(prompt, cfg.policy.system or None)))
             if n + cfg.sample.max_new_tokens > context:
                 raise ValueError(f"the prompt is {n} tokens in the {cfg.policy.template} template; with "
                                  f"sample.max_new_tokens {cfg.sample.max_new_tokens} that exceeds the policy's "
@@ -515,7 +511,7 @@ class Loop:
         """The [reward] source for kinds other than log-ratio (which runs as score.py); a Python function is
         imported once."""
         r = self.cfg.reward
-        if getattr(self, "_python_reward", None) is not None:
+        if self._python_reward is not None:
             return self._python_reward
         options = {"function": r.function} if r.kind == "python" else {"path": r.path, "device": self.device}
         try:
@@ -535,7 +531,7 @@ class Loop:
 
     def _metric_function(self) -> Callable:
         """The eval.metric function (imported once)."""
-        if getattr(self, "_metric_fn", None) is None:
+        if self._metric_fn is None:
             try:
                 self._metric_fn = load_function(self.cfg.eval.metric)
             except ValueError as e:

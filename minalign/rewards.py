@@ -50,7 +50,7 @@ import torch
 import minalign
 from minalign.chat import end_token_id, render_prompt
 from minalign.config import ModelConfig, from_hf_config
-from minalign.data import messages_of
+from minalign.data import as_messages, messages_of
 from minalign.logprobs import pack_by_length, sequence_logprobs
 from minalign.tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ def prompt_messages(row: dict) -> list[dict]:
         raise ValueError(f'a samples row needs a "prompt" (a string or a list of messages); got keys {sorted(row)}')
     prompt = row["prompt"]
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        return as_messages(prompt)
     if not isinstance(prompt, list):
         raise ValueError(f'"prompt" must be a string or a list of messages, got {type(prompt).__name__}')
     return messages_of(prompt, "prompt")

@@ -6,6 +6,8 @@ A candidate is a response that is not empty and that the model ended itself: a r
 """
 from __future__ import annotations
 
+from minalign.data import as_messages
+
 
 def candidates(row: dict, keep_truncated: bool = False) -> list[int]:
     """Indices of the responses of a scored row that selection may pick: not empty (after stripping whitespace)
@@ -16,11 +18,7 @@ def candidates(row: dict, keep_truncated: bool = False) -> list[int]:
 
 def _prompt(row: dict, system: str):
     """The prompt of a samples row for a training row: as sampled, with the system message sampling added."""
-    prompt = row["prompt"]
-    if not system:
-        return prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]
+    return as_messages(row["prompt"], system) if system else row["prompt"]
 
 
 def select_best(rows: list[dict], keep_truncated: bool = False, system: str = "") -> tuple[list[dict], dict]:

@@ -44,8 +44,8 @@ import minalign
 from minalign import distributed
 from minalign.chat import TEMPLATES, end_token_id, render_conversation, render_prompt
 from minalign.checkpoint import CheckpointError
-from minalign.cli import BadRows, CliError, read_settings
-from minalign.data import DataError, atomic_write, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
+from minalign.cli import BadRows, CliError, changed_settings, read_settings
+from minalign.data import DataError, as_messages, atomic_write, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import LOSS_TYPES, dpo_loss, dpo_metrics, sft_loss
 from minalign.progress import Progress
@@ -189,7 +189,7 @@ def _truncate(prompt: list[int], response: list[int], d: DataSection, stats: Dat
 
 def _prompt_messages(row: dict) -> list[dict]:
     prompt = prompt_of({k: row[k] for k in ("prompt", "id") if k in row} if "prompt" in row else row)
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return as_messages(prompt)
 
 
 def _reply(row: dict, key: str, prompt: list[dict]) -> str:
@@ -519,9 +519,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     if ckpt is not None:
         prev = json.loads((ckpt / "trainer_state.json").read_text())
         if prev["settings"] != settings:
-            diffs = [f"{s}.{k}" for s in settings if isinstance(settings[s], dict)
-                     for k in settings[s] if prev["settings"].get(s, {}).get(k) != settings[s][k]]
-            diffs += ["the data file"] if prev["settings"].get("data_sha256") != settings["data_sha256"] else []
+            diffs = ["the data file" if k == "data_sha256" else k for k in changed_settings(prev["settings"], settings)]
             raise CliError(f"{ckpt} was written with other settings ({', '.join(diffs)}); resume with the same ones")
         start = prev["step"]
     if start == t.steps and ckpt is not None and not (run / "final").is_dir():

@@ -39,7 +39,7 @@ from minalign.chat import TEMPLATES, end_token_id, render_prompt
 from minalign.checkpoint import CheckpointError
 from minalign.cli import CliError, append_lines, open_partials, partial_entries, write_output
 from minalign.config import from_hf_config
-from minalign.data import DataError, file_sha256, jsonl_line, prompt_of, read_jsonl
+from minalign.data import DataError, as_messages, file_sha256, jsonl_line, prompt_of, read_jsonl
 from minalign.progress import Progress
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.sampling import generate
@@ -90,9 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--reward is for --best-of N")
     if args.num_samples is None:
         args.num_samples = 4
-    cli.check_flags(p, args, {"--best-of": args.best_of >= 0, "--num-samples": args.num_samples >= 1, "--max-new-tokens": args.max_new_tokens >= 1,
-                              "--temperature": args.temperature >= 0, "--top-k": args.top_k >= 0,
-                              "--top-p": 0 < args.top_p <= 1, "--batch-size": args.batch_size >= 1})
+    cli.check_flags(p, args, {"--best-of": args.best_of >= 0, "--num-samples": args.num_samples >= 1,
+                              "--max-new-tokens": args.max_new_tokens >= 1, "--temperature": args.temperature >= 0,
+                              "--top-k": args.top_k >= 0, "--top-p": 0 < args.top_p <= 1,
+                              "--batch-size": args.batch_size >= 1})
     return args
 
 
@@ -117,10 +118,7 @@ def load_jobs(args: argparse.Namespace, tokenizer, context: int) -> tuple[list[J
     for line, row in read_jsonl(path, on_error=bad):
         try:
             prompt = prompt_of(row)
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if system is not None and messages[0]["role"] != "system":  # a row's own system message wins
-                messages = [{"role": "system", "content": system}, *messages]
-            ids = render_prompt(tokenizer, args.template, messages)
+            ids = render_prompt(tokenizer, args.template, as_messages(prompt, system))
         except ValueError as e:
             bad(DataError(path, line, str(e)))
             continue
