@@ -6,10 +6,16 @@ response to the same prompt:
 
     h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l))          the log-ratio margin
     sigmoid:  −(1 − ε) log σ(β h) − ε log σ(−β h)     ε = label_smoothing (conservative DPO: labels flipped w.p. ε)
-    ipo:      (h − 1/(2β))²                             (Azar et al. 2023)
+    ipo:      (h̄ − 1/(2β))²                             (Azar et al. 2023, Eq. 17; β is the paper's τ)
+              h̄ = (log π(y_w) − log π_ref(y_w)) / |y_w| − (log π(y_l) − log π_ref(y_l)) / |y_l|
     hinge:    max(0, 1 − β h)                           (SLiC)
 
-The implicit rewards β (log π(y) − log π_ref(y)) of chosen and rejected come back with the loss, for metrics.
+IPO's log-ratios are per-token means, |y| the response's token count (at least 1): what TRL does in every
+version, and what the IPO authors confirmed their results use. On sums the squared loss grows with the responses'
+lengths, so the same β would mean something else for every dataset.
+
+The implicit rewards β (log π(y) − log π_ref(y)) of chosen and rejected come back with the loss, for metrics —
+from the summed log-ratios for every loss type (as TRL reports them), so reward metrics compare across losses.
 """
 from __future__ import annotations
 
@@ -33,9 +39,12 @@ def sft_loss(logprob_sums: Tensor, num_tokens: int) -> Tensor:
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
              ref_rejected_logps: Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_nll: Tensor | None = None, nll_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+             chosen_nll: Tensor | None = None, nll_weight: float = 0.0, chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(per-pair losses [B], chosen rewards [B], rejected rewards [B]); see the module docstring for the formulas.
 
+    chosen_lengths, rejected_lengths: each response's token count [B] (what sequence_logprobs returns as
+    counts); required by "ipo", which averages the log-ratios over tokens.
     chosen_nll, nll_weight: an optional NLL term on the chosen responses (per pair, e.g. their mean token NLL),
     added as nll_weight · chosen_nll (the "DPO + NLL" / RPO regulariser).
     """
@@ -47,17 +56,22 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss_type!r}")
-    margin = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("the ipo loss averages log-ratios over tokens: pass chosen_lengths and rejected_lengths")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    margin = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     elif loss_type == "ipo":
-        losses = (margin - 1 / (2 * beta)) ** 2
+        mean_margin = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
+        losses = (mean_margin - 1 / (2 * beta)) ** 2
     else:
         losses = torch.relu(1 - beta * margin)
     if chosen_nll is not None and nll_weight:
         losses = losses + nll_weight * chosen_nll
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = beta * chosen_ratio.detach()
+    rejected_rewards = beta * rejected_ratio.detach()
     return losses, chosen_rewards, rejected_rewards
 
 

@@ -37,9 +37,30 @@ MARGIN_ONE = pairs([-10.0], [-14.0], [-12.0], [-15.0])
     ("hinge", 2.0, 0.0, 0.0),                                             # max(0, 1 − 2)
 ])
 def test_dpo_loss_by_hand(loss_type, beta, smoothing, expected):
-    losses, chosen, rejected = dpo_loss(*MARGIN_ONE, beta=beta, loss_type=loss_type, label_smoothing=smoothing)
+    ones = torch.ones(1)  # one-token responses: IPO's per-token mean is the sum
+    losses, chosen, rejected = dpo_loss(*MARGIN_ONE, beta=beta, loss_type=loss_type, label_smoothing=smoothing,
+                                        chosen_lengths=ones, rejected_lengths=ones)
     assert losses.item() == pytest.approx(expected, abs=1e-12)
     assert chosen.item() == pytest.approx(beta * 2.0) and rejected.item() == pytest.approx(beta * 1.0)
+
+
+def test_ipo_averages_each_log_ratio_over_its_tokens():
+    """TRL's IPO (and its authors'): h̄ = ratio_w / |y_w| − ratio_l / |y_l|, loss (h̄ − 1/(2β))², rewards summed.
+
+    Pair 1: ratios 2 (4 tokens) and 1 (2 tokens): h̄ = 0.5 − 0.5 = 0; β 0.1: (0 − 5)² = 25 (on sums: (1 − 5)² = 16).
+    Pair 2: ratios 2 (1 token) and 1 (8 tokens): h̄ = 2 − 0.125 = 1.875; β 0.1: (1.875 − 5)² = 9.765625.
+    d loss / d log π(y_w) = 2 (h̄ − 5) / |y_w|: −2.5 and −6.25; d / d log π(y_l) = −2 (h̄ − 5) / |y_l|: 5 and 0.78125.
+    """
+    pc, pr, rc, rr = pairs([-10.0, -10.0], [-14.0, -14.0], [-12.0, -12.0], [-15.0, -15.0])
+    pc.requires_grad_(True), pr.requires_grad_(True)
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo",
+                                        chosen_lengths=torch.tensor([4, 1]), rejected_lengths=torch.tensor([2, 8]))
+    assert losses.tolist() == pytest.approx([25.0, 9.765625], abs=1e-12)
+    assert chosen.tolist() == pytest.approx([0.2, 0.2]) and rejected.tolist() == pytest.approx([0.1, 0.1])
+    losses.sum().backward()
+    assert pc.grad.tolist() == pytest.approx([-2.5, -6.25]) and pr.grad.tolist() == pytest.approx([5.0, 0.78125])
+    with pytest.raises(ValueError, match="pass chosen_lengths and rejected_lengths"):
+        dpo_loss(*MARGIN_ONE, beta=0.1, loss_type="ipo")
 
 
 def test_sigmoid_gradient_by_hand():
@@ -75,7 +96,8 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="beta must be > 0"):
         dpo_loss(*MARGIN_ONE, beta=0.0)
     with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid loss only"):
-        dpo_loss(*MARGIN_ONE, beta=0.1, loss_type="ipo", label_smoothing=0.1)
+        dpo_loss(*MARGIN_ONE, beta=0.1, loss_type="ipo", label_smoothing=0.1, chosen_lengths=torch.ones(1),
+                 rejected_lengths=torch.ones(1))
 
 
 def test_sft_loss_equals_transformers_causal_lm_loss(tmp_path):
