@@ -17,6 +17,18 @@ the source part to at most source_max_length = 1224 tokens, each candidate part 
 Special tokens: llm-blender adds "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>" to
 microsoft/deberta-v3-large's tokenizer (128000 spm pieces + [MASK] = 128000), so they get ids 128001..128004, and
 resizes the embeddings to 128005 rows (pairrm_to_hf.ipynb). ([CLS] = 1, [SEP] = 2, [PAD] = 0 in spm.model.)
+deberta-v3-large publishes spm.model and a tokenizer_config.json of {"do_lower_case": false, "vocab_type": "spm"}
+only: no file names [MASK]; transformers' DebertaV2Tokenizer appends its mask token after the pieces.
+
+Ids (`_prefix_ids`), each by the first rule that applies, as transformers' DebertaV2Tokenizer + add_tokens give them:
+- [MASK]: the id a tokenizer file declares; else its piece id, if spm.model has that piece; else the first id after
+  the pieces — only for DeBERTa's tokenizer (tokenizer_config.json absent, or its tokenizer_class, vocab_type and
+  mask_token, where given, DebertaV2Tokenizer[Fast], "spm" and "[MASK]") whose files declare no id after the pieces.
+- each prefix token: the id a tokenizer file declares (which must equal config.json's, where PairRM-hf names it);
+  else config.json's; else the next id (add_tokens, in PREFIX_TOKENS order).
+Where these give [MASK] no id, or two tokens one id, or an id comes from transformers' placement (a last rule) and
+the ids after the pieces are then not exactly the embedding's remaining rows (PairRM resized it to len(tokenizer)),
+it is a CheckpointError asking for llm-blender/PairRM-hf's added_tokens.json: never a guess.
 
 Model (llm_blender/pair_ranker/pairrm.py `DebertaV2PairRM`, ranker.py `CrossCompareReranker`):
 `pretrained_model` is a DebertaV2Model; the last hidden state at the <|source|>, <|candidate1|>, <|candidate2|>
@@ -34,7 +46,7 @@ State dict: `pretrained_model.<DebertaV2Model keys>`, `head_layer.1.{weight,bias
   "microsoft/deberta-v3-large", source_maxlength, candidate_maxlength, n_tasks, drop_out, …), not a DeBERTa
   config: the backbone's config is deberta-v3-large's, DEBERTA_V3_LARGE below, with the vocabulary read from the
   embedding matrix. The tokenizer is deberta-v3-large's: put its spm.model (and tokenizer_config.json) beside the
-  weights; the four prefix tokens are added at the next ids if the tokenizer does not declare them.
+  weights; [MASK] and the four prefix tokens then get transformers' ids (Ids above).
 - llm-blender/PairRM-hf (`DebertaV2PairRM.from_pretrained`): a DebertaV2Config config.json with n_tasks, drop_out,
   source_prefix_id, cand1_prefix_id, cand2_prefix_id, cand_prefix_id added, plus the tokenizer files (spm.model,
   added_tokens.json, …). Those ids must agree with the tokenizer (checked).
@@ -66,6 +78,7 @@ __all__ = ["PairRMConfig", "PairRM", "PairRanker", "PairRMReward", "load_pairrm"
 
 SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 PREFIX_TOKENS = (SOURCE_PREFIX, CAND1_PREFIX, CAND2_PREFIX, CAND_PREFIX)  # in llm-blender's add_tokens order
+MASK_TOKEN = "[MASK]"  # DeBERTa's mask token: not a piece of deberta-v3's spm.model, appended by transformers
 SOURCE_MAX_LENGTH, CANDIDATE_MAX_LENGTH = 1224, 412
 
 # microsoft/deberta-v3-large's config.json (the backbone of the llm-blender/PairRM layout, whose own config.json
@@ -180,23 +193,61 @@ def aggregate(matrix: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _prefix_ids(tok: Tokenizer, cfg_ids: dict[str, int] | None, vocab_size: int, where: Path) -> Tokenizer:
-    """The tokenizer with the four prefix tokens: those it lacks are added (at cfg_ids', or else the next ids, as
-    llm-blender's add_tokens does); a declared one must have the config's id."""
+def _deberta_tokenizer(path: Path) -> bool:
+    """Whether transformers reads path's tokenizer as DebertaV2Tokenizer with mask token [MASK] (see the module doc)."""
+    config = path / "tokenizer_config.json"
+    raw = json.loads(config.read_text()) if config.is_file() else {}  # load_tokenizer has checked the JSON
+    mask = raw.get("mask_token", MASK_TOKEN)
+    return (raw.get("tokenizer_class") in (None, "DebertaV2Tokenizer", "DebertaV2TokenizerFast")
+            and raw.get("vocab_type", "spm") == "spm"
+            and (mask.get("content") if isinstance(mask, dict) else mask) == MASK_TOKEN)
+
+
+def _prefix_ids(tok: Tokenizer, cfg_ids: dict[str, int] | None, rows: int, where: Path | str,
+                deberta: bool = True) -> Tokenizer:
+    """The tokenizer with [MASK] and the four prefix tokens at transformers' ids (DebertaV2Tokenizer, then llm-blender's
+    add_tokens), by the rules of the module doc; rows: the embedding's; deberta: _deberta_tokenizer of the dir."""
+    fix = f"copy added_tokens.json of llm-blender/PairRM-hf into {where} (or one naming these ids)"
     added = dict(tok.added_tokens)
-    for k, token in enumerate(PREFIX_TOKENS):
+    placed = []  # tokens whose id is transformers' placement rather than a file's, a piece's or config.json's
+    if MASK_TOKEN not in added:
+        piece = tok.sp.piece_to_id(MASK_TOKEN)
+        if tok.sp.id_to_piece(piece) == MASK_TOKEN:
+            added[MASK_TOKEN] = piece  # added too, so "[MASK]" in a text is one token, as in transformers
+        elif deberta and max(added.values(), default=-1) < tok.sp_size:
+            added[MASK_TOKEN] = tok.sp_size
+            placed.append(MASK_TOKEN)
+        else:
+            # transformers appends it after whatever the files declare, where len(tokenizer) and the declared ids may
+            # disagree (and another tokenizer class has its own rule): its row cannot be told from these files
+            why = "tokenizer_config.json is not DeBERTa's" if not deberta else "the files declare ids after the pieces"
+            raise CheckpointError(f"{where}: no file gives [MASK] an id, it is no piece of the sentencepiece model, "
+                                  f"and {why}: {fix}")
+    for token in PREFIX_TOKENS:
         want = cfg_ids[token] if cfg_ids else None
         if token in added:
             if want is not None and added[token] != want:
                 raise CheckpointError(f"{where}: the tokenizer gives {token} id {added[token]}, config.json {want}")
-            continue
-        added[token] = want if want is not None else max(tok.vocab_size, max(added.values()) + 1)
-    if max(added[t] for t in PREFIX_TOKENS) >= vocab_size:
-        raise CheckpointError(f"{where}: prefix token ids {[added[t] for t in PREFIX_TOKENS]} do not fit the "
-                              f"{vocab_size}-row embedding")
-    special = {c for c in added if tok.is_special(c)}
-    return Tokenizer(tok.sp, added_tokens=added, special_tokens=special, roles=tok.roles,
-                     add_bos_token=tok.add_bos_token, add_eos_token=tok.add_eos_token)
+        elif want is not None:
+            added[token] = want
+        else:
+            added[token] = max(tok.sp_size - 1, *added.values()) + 1
+            placed.append(token)
+    special = {c for c in added if tok.is_special(c)} | {MASK_TOKEN}
+    try:
+        out = Tokenizer(tok.sp, added_tokens=added, special_tokens=special, roles=tok.roles,
+                        add_bos_token=tok.add_bos_token, add_eos_token=tok.add_eos_token)
+    except ValueError as e:  # two tokens on one id, or an id on a piece of another name
+        raise CheckpointError(f"{where}: {e}: {fix}") from None
+    ids = sorted(added[t] for t in (MASK_TOKEN, *PREFIX_TOKENS))
+    if ids[-1] >= rows:
+        raise CheckpointError(f"{where}: [MASK] and prefix token ids {ids} do not fit the {rows}-row embedding")
+    beyond = sorted(i for i in added.values() if i >= tok.sp_size)
+    if placed and beyond != list(range(tok.sp_size, rows)):
+        raise CheckpointError(f"{where}: by transformers' rule {', '.join(placed)} get ids "
+                              f"{[added[t] for t in placed]}, so the ids after the {tok.sp_size} pieces are {beyond}, "
+                              f"not {tok.sp_size}..{rows - 1} as the checkpoint's {rows}-row embedding has: {fix}")
+    return out
 
 
 def _embedding_rows(path: Path) -> int:
@@ -258,7 +309,7 @@ def load_pairrm(path, dtype: torch.dtype | None = None, device: str | torch.devi
     except FileNotFoundError as e:
         raise CheckpointError(f"{e}. The llm-blender/PairRM repo ships no tokenizer: copy spm.model and "
                               f"tokenizer_config.json of microsoft/deberta-v3-large into {path}") from None
-    tok = _prefix_ids(tok, cfg_ids, cfg.backbone.vocab_size, path)
+    tok = _prefix_ids(tok, cfg_ids, cfg.backbone.vocab_size, path, _deberta_tokenizer(path))
     cfg.source_prefix_id, cfg.cand1_prefix_id, cfg.cand2_prefix_id, cfg.cand_prefix_id = (
         tok.added_tokens[t] for t in PREFIX_TOKENS)
 
