@@ -11,9 +11,9 @@ setup(
     packages=find_packages(include=["minalign", "minalign.*", "kernels", "kernels.*"]),
     install_requires=[
         # torch is deliberately unpinned: install the build you want (CPU or CUDA) first;
-        # any torch >= 2.5 then satisfies this and pip pulls nothing more.
+        # any torch >= 2.5 then satisfies this and pip pulls nothing more. triton is not listed: CUDA builds of
+        # torch ship it (the fused kernel's only home), and a CPU install would pull ~1 GB it never runs.
         "torch>=2.5",
-        "triton; platform_system == 'Linux'",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
         "numpy",
@@ -22,6 +22,7 @@ setup(
     ],
     extras_require={
         # transformers is a test oracle only: the product never imports it.
-        "test": ["pytest", "transformers>=4.45", "protobuf"],
+        # triton: the kernel tests run it on the CPU under TRITON_INTERPRET=1.
+        "test": ["pytest", "transformers>=4.45", "protobuf", "triton; platform_system == 'Linux'"],
     },
 )

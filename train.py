@@ -19,17 +19,19 @@ import tomllib
 from pathlib import Path
 
 from minalign import cli, distributed
-from minalign.loop import RECIPES, load_loop_config, run_loop
-from minalign.trainer import load_config, train
+from minalign.loop import RECIPES, LoopConfig, load_loop_config, run_loop
+from minalign.trainer import TrainConfig, load_config, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """--config FILE (default: the demo), --recipe, and any number of --section.key value pairs."""
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, epilog="settings of a config with a [loop] table (--section.key value; default, meaning):\n"
+                   f"{cli.settings_help(LoopConfig())}\n\nsettings of a single training run (a config without "
+                   f"[loop]):\n{cli.settings_help(TrainConfig())}")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="TOML settings (the default is the CPU demo)")
-    p.add_argument("--recipe", choices=RECIPES, help="the loop's recipe: short for --loop.recipe")
+    p.add_argument("--recipe", choices=RECIPES, help="the loop's recipe: short for --loop.recipe (default: the config's)")
     args, rest = p.parse_known_args(argv)
     overrides = []
     while rest:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import json
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -40,10 +43,53 @@ class BadRows:
         self.skipped.append(err)
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's help, once: not where the help says its default already, nor for
+    a flag without one (None, an off switch, an empty list); an epilog as written (the settings table)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        return text
+
+
+def parser(doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A stage's argument parser, described by its docstring's first line ("sample.py: what it does")."""
-    return argparse.ArgumentParser(description=doc.split("\n")[0].split(": ", 1)[1],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=doc.split("\n")[0].split(": ", 1)[1], epilog=epilog,
+                                   formatter_class=_HelpFormatter)
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+def field_help(section) -> dict[str, str]:
+    """{field: its meaning} of a settings dataclass: the comment on the field's line in its source, the one place
+    a setting is explained (so --help cannot drift from the code)."""
+    return {m[1]: m[2].strip() for m in map(_FIELD_COMMENT.match, inspect.getsource(type(section)).splitlines())
+            if m}
+
+
+def settings_help(cfg) -> str:
+    """Every `section.key` of a settings dataclass with its default and meaning, one line each, for --help."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        meaning = field_help(section)
+        for g in dataclasses.fields(section):
+            default = getattr(section, g.name)
+            flag = f"  --{f.name}.{g.name} {_toml_text(default)}"
+            lines.append(f"{flag:<48} {meaning.get(g.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _toml_text(value) -> str:
+    """A default as it is written in the TOML file."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def add_common_flags(p: argparse.ArgumentParser, rows: str) -> None:

@@ -8,6 +8,9 @@ below elsewhere — so callers never choose. `token_logprobs_reference` is the p
 """
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch import Tensor
 
@@ -88,10 +91,22 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index
     if bad.any():  # the kernel would read past the vocabulary (or return −lse) instead of failing
         raise ValueError(f"targets outside [0, {weight.shape[0]}) that are not ignore_index ({ignore_index}): "
                          f"{targets[bad][:8].tolist()}")
-    if hidden.is_cuda:
-        from kernels import logprob  # imports triton: only where a GPU can run it
-        return logprob.token_logprobs(hidden, weight, targets, ignore_index)
+    if hidden.is_cuda and _fused_kernel() is not None:
+        return _fused_kernel().token_logprobs(hidden, weight, targets, ignore_index)
     return token_logprobs_torch(hidden, weight, targets, ignore_index)
+
+
+@functools.cache
+def _fused_kernel():
+    """kernels.logprob, or None (said once on stderr) where triton is not installed: CUDA builds of torch bring
+    it; a CPU install does not need it, so it is not a dependency of minalign."""
+    try:
+        from kernels import logprob  # imports triton: only where a GPU can run it
+    except ImportError as e:
+        print(f"minalign: the fused log-prob kernel needs triton ({e}); using the chunked torch path. "
+              f"`pip install triton` (or a CUDA build of torch, which ships it) brings the kernel", file=sys.stderr)
+        return None
+    return logprob
 
 
 def pack_by_length(lengths: list[int], batch_tokens: int) -> list[list[int]]:

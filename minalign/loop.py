@@ -93,10 +93,10 @@ class PromptsSection:
 @dataclass
 class SampleSection:
     n: int = 4  # samples per prompt
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: int = 256  # most tokens a response may have (then it is cut: finish_reason "length")
+    temperature: float = 0.7  # of the policy's samples (0 = greedy)
+    top_k: int = 0  # sample from the k likeliest tokens only (0 = all)
+    top_p: float = 1.0  # nucleus: sample from the likeliest tokens whose probabilities sum to top_p
     batch_size: int = 16  # prompts per generate call
 
 
@@ -112,10 +112,10 @@ class RewardSection:
     kind: str = "log-ratio"  # log-ratio | pairrm | python
     policy: str = ""  # log-ratio: the "instruct" model (Mixtral-8x7B-Instruct-v0.1)
     reference: str = ""  # log-ratio: the base model (Mixtral-8x7B-v0.1); "" = reference-free
-    policy_template: str = "mistral"
-    reference_template: str = "raw"
+    policy_template: str = ""  # log-ratio: the template reward.policy was trained on (no default: see score.py)
+    reference_template: str = ""  # log-ratio: the template reward.reference was trained on
     normalize: str = "sum"  # sum | mean (per response token)
-    beta: float = 1.0
+    beta: float = 1.0  # log-ratio: reward = beta · (log π_policy − log π_ref)
     sampler_end_ids: list = field(default_factory=list)  # see score.py --sampler-end-ids
     batch_tokens: int = 16384  # padded tokens per scoring forward
     fsdp: bool = False  # under torchrun: shard each reward model over the ranks
@@ -170,6 +170,10 @@ def load_loop_config(path: str | None, overrides: list[tuple[str, str]] = ()) ->
         "sample.top_p must be in (0, 1]": not 0 < s.top_p <= 1,
         f"reward.kind must be one of {REWARD_KINDS}": r.kind not in REWARD_KINDS,
         "reward.policy is required for a log-ratio reward": r.kind == "log-ratio" and not r.policy,
+        "reward.policy_template is required for a log-ratio reward (the template reward.policy was trained on)":
+            r.kind == "log-ratio" and r.policy_template not in TEMPLATES,
+        "reward.reference_template is required with reward.reference (the template it was trained on)":
+            r.kind == "log-ratio" and bool(r.reference) and r.reference_template not in TEMPLATES,
         "reward.path is required for a pairrm reward": r.kind == "pairrm" and not r.path,
         "reward.function is required for a python reward": r.kind == "python" and not r.function,
         f"reward.normalize must be one of {NORMALIZE}": r.normalize not in NORMALIZE,
@@ -643,8 +647,12 @@ class Loop:
                 print(table(rounds), file=sys.stderr, flush=True)
             if stop:
                 break
-        why = "the last" if relative else f"batch reward {best['batch_reward']:.4g}"
-        self.log(f"best policy: round {best['round']} ({why}): {best['policy']}")
+        # Round k's metrics describe π_k, the policy round k starts from: round_{k-1}'s training made it.
+        why = "the last" if relative else f"the highest batch reward, {best['batch_reward']:.4g}"
+        made = "the starting policy" if best["round"] == 0 else f"trained in round {best['round'] - 1}"
+        self.log(f"best policy: π_{best['round']} ({why}; {made}): {best['policy']}")
+        self.log(f"summary: {self.run_dir / 'summary.json'}, {self.run_dir / 'summary.png'}, and the link "
+                 f"{self.run_dir / 'best'} to the best policy")
         return summary
 
     def write_summary(self, rounds: list[dict], best: dict) -> dict:

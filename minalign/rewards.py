@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 
 import minalign
+from minalign import distributed
 from minalign.chat import end_token_id, render_prompt
 from minalign.config import ModelConfig, from_hf_config
 from minalign.data import as_messages, messages_of
@@ -166,7 +167,7 @@ class Scorer:
 
     def load(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
         """The model, for inference."""
-        return minalign.load_model(self.path, dtype=dtype, device=device).eval()
+        return distributed.fit_threads(minalign.load_model(self.path, dtype=dtype, device=device).eval())
 
 
 def cut_batches(sequences: list[Sequence], batch_tokens: int) -> list[list[int]]:
@@ -210,15 +211,19 @@ def scored_row(row: dict, policy: list[float], reference: list[float] | None, co
 class LogRatioReward:
     """The log-ratio reward source: r = β·(log π_policy(y|x) − log π_ref(y|x)) per response (see the module doc).
 
-    policy, reference: HF checkpoint dirs sharing a tokenizer (reference None: reference-free).
+    policy, reference: HF checkpoint dirs sharing a tokenizer (reference None: reference-free); each reads the
+    prompt in its template, which has no default (a model read in another template gives a wrong number).
     """
 
-    def __init__(self, policy, reference=None, *, policy_template: str = "mistral",
-                 reference_template: str = "raw", beta: float = 1.0, normalize: str = "sum",
+    def __init__(self, policy, reference=None, *, policy_template: str, reference_template: str | None = None,
+                 beta: float = 1.0, normalize: str = "sum",
                  sampler_end_ids=(), batch_tokens: int = 16384, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu"):
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        if reference is not None and not reference_template:
+            raise ValueError("a log-ratio reward with a reference needs reference_template (the template the "
+                             "reference model was trained on)")
         self.scorers = [Scorer.open(policy, policy_template)]
         if reference is not None:
             self.scorers.append(Scorer.open(reference, reference_template))
@@ -268,8 +273,8 @@ RewardSource = Callable[[list[dict]], list[list[float]]]
 _LOG_RATIO_TYPES = {"policy": str, "reference": str, "policy_template": str, "reference_template": str,
                     "normalize": str, "beta": float, "batch_tokens": int,
                     "sampler_end_ids": lambda v: [int(i) for i in v.split("+")]}
-SPEC_HELP = ("'log-ratio:policy=DIR,reference=DIR[,policy_template=mistral,reference_template=raw,normalize=sum,"
-             "beta=1,sampler_end_ids=32000]', 'pairrm:DIR', or a Python function 'module:function' / "
+SPEC_HELP = ("'log-ratio:policy=DIR,policy_template=T,reference=DIR,reference_template=T[,normalize=sum,beta=1,"
+             "sampler_end_ids=32000]' (T: the template each model was trained on), 'pairrm:DIR', or a Python function 'module:function' / "
              "'path/to/file.py:function' taking rows and returning one float per response")
 
 
@@ -316,8 +321,9 @@ def reward_source(kind: str, options: dict) -> RewardSource:
     pairrm: path (+ batch_size, dtype, device); python: function ('module:function')."""
     options = dict(options)
     if kind == "log-ratio":
-        if not options.get("policy"):
-            raise ValueError("a log-ratio reward needs policy (and reference, unless reference-free)")
+        if not options.get("policy") or not options.get("policy_template"):
+            raise ValueError("a log-ratio reward needs policy and policy_template (and reference with "
+                             "reference_template, unless reference-free)")
         return LogRatioReward(options.pop("policy"), options.pop("reference", None), **options)
     if kind == "pairrm":
         from minalign.pairrm import PairRMReward  # here: pairrm.py imports this module

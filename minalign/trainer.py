@@ -79,15 +79,15 @@ class TrainSection:
     steps: int = 100  # optimizer steps in all
     batch_size: int = 8  # rows (DPO: pairs) per optimizer step, over all ranks
     micro_batch_size: int = 2  # rows per forward on one rank; accumulation = batch / (world · micro)
-    lr: float = 1e-5
+    lr: float = 1e-5  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # the cosine ends at lr · min_lr_ratio
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup from 0 to lr over these steps
     weight_decay: float = 0.0  # on matrices and embeddings, not on norms
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = 1e-8
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (β1, β2)
+    adam_eps: float = 1e-8  # AdamW's ε
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
-    seed: int = 0
-    log_every: int = 1
+    seed: int = 0  # data order and torch's RNG (reseeded every step)
+    log_every: int = 1  # steps between metrics.jsonl records
     save_every: int = 0  # 0 = only the final checkpoint
     keep_checkpoints: int = 2  # newest checkpoints kept in <out>/checkpoints
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to `steps`
@@ -100,9 +100,9 @@ class TrainSection:
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0
+    beta: float = 0.1  # strength of the pull toward the reference (IPO: τ)
+    loss_type: str = "sigmoid"  # sigmoid | ipo (on per-token mean log-ratios, as TRL) | hinge
+    label_smoothing: float = 0.0  # sigmoid: the chance a preference label is flipped (conservative DPO)
 
 
 @dataclass
@@ -313,7 +313,7 @@ def reference_logprobs(cfg: TrainConfig, examples: list[Example], world: int, ra
             return torch.tensor([[r["chosen"], r["rejected"]] for r in rows[1:]], dtype=torch.float32), True
     try:
         sharded = cfg.train.parallel == "fsdp" and world > 1  # shard_model moves the weights to the device
-        model = minalign.load_model(reference, device="cpu" if sharded else device).eval()
+        model = distributed.fit_threads(minalign.load_model(reference, device="cpu" if sharded else device).eval())
     except CheckpointError as e:
         raise CliError(f"reference {reference}: {e}") from None
     if sharded:
@@ -480,9 +480,11 @@ def _micro_batches(batch: list[int], m: int, world: int, rank: int) -> list[list
 
 
 def _run_settings(cfg: TrainConfig, world: int) -> dict:
-    """What a resume must share with the run it continues (the rest — steps, logging, saving — may change)."""
+    """What a resume must share with the run it continues (the rest — logging, saving, parallelism — may change).
+    train.steps stays: the warmup and cosine are laid over it, so more steps would make the learning rate rise
+    again in the middle of a run."""
     c = cfg.to_dict()
-    for k in ("steps", "log_every", "save_every", "keep_checkpoints", "stop_after", "resume", "micro_batch_size",
+    for k in ("log_every", "save_every", "keep_checkpoints", "stop_after", "resume", "micro_batch_size",
               "parallel", "activation_checkpointing", "device"):
         c["train"].pop(k)
     return c
@@ -509,10 +511,20 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     if ckpt is not None and not t.resume:
         raise CliError(f"{run} holds a run already ({ckpt}); set train.resume = true (--train.resume true) to "
                        f"continue it, or choose another train.out")
+    for key in ("path", "reference"):
+        where = getattr(cfg.model, key)
+        if where and not Path(where).is_dir():
+            raise CliError(f"model.{key} {where}: no such directory (expected an HF checkpoint dir: config.json, "
+                           f"weights and tokenizer files)")
     try:
         tokenizer = minalign.load_tokenizer(cfg.model.path)
     except (OSError, ValueError) as e:
         raise CliError(f"model.path {cfg.model.path}: {e}") from None
+    try:
+        end_token_id(tokenizer, cfg.model.template)  # renders a reply: the template's tokens must exist
+    except ValueError as e:
+        raise CliError(f"model.template {cfg.model.template!r} does not fit the tokenizer of {cfg.model.path}: "
+                       f"{e}") from None
     examples, stats = load_examples(cfg, tokenizer)
     settings = {**_run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
     start, prev = 0, None
@@ -520,7 +532,11 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
         prev = json.loads((ckpt / "trainer_state.json").read_text())
         if prev["settings"] != settings:
             diffs = ["the data file" if k == "data_sha256" else k for k in changed_settings(prev["settings"], settings)]
-            raise CliError(f"{ckpt} was written with other settings ({', '.join(diffs)}); resume with the same ones")
+            why = (f" (train.steps {prev['settings']['train'].get('steps')} then: the learning-rate schedule is laid over "
+                   f"it; to train on, start a new run from {run / 'final'} with --model.path)"
+                   if "train.steps" in diffs else "")
+            raise CliError(f"{ckpt} was written with other settings ({', '.join(diffs)}); resume with the same "
+                           f"ones{why}")
         start = prev["step"]
     if start == t.steps and ckpt is not None and not (run / "final").is_dir():
         # killed after the last checkpoint but before final/ was in place: finish the export, train nothing
@@ -532,10 +548,11 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
         raise CliError(f"{run} has done {start} steps already (train.steps = {t.steps})")
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        print(f"train.py: {t.mode} on {len(examples)} rows of {cfg.data.path} ({stats.skipped_invalid} invalid and "
-              f"{stats.skipped_identical} with chosen identical to rejected skipped; truncated: "
-              f"{stats.truncated_prompts} prompts, {stats.truncated_responses} responses), {world} process(es), "
-              f"{accum} micro-batch(es) of {t.micro_batch_size} per step", file=sys.stderr)
+        identical = f" and {stats.skipped_identical} with chosen identical to rejected" if t.mode == "dpo" else ""
+        print(f"train.py: {t.mode} on {len(examples)} rows of {cfg.data.path} ({stats.skipped_invalid} invalid"
+              f"{identical} skipped; truncated: {stats.truncated_prompts} prompts, {stats.truncated_responses} "
+              f"responses), {world} process(es), {accum} micro-batch(es) of {t.micro_batch_size} per step",
+              file=sys.stderr)
 
     ref = None
     if t.mode == "dpo":
@@ -548,7 +565,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     # The policy: from the checkpoint being resumed, else the initial one; fp32 master weights.
     source = ckpt if ckpt is not None else Path(cfg.model.path)
     try:
-        policy = minalign.load_model(source, dtype=torch.float32, device="cpu")
+        policy = distributed.fit_threads(minalign.load_model(source, dtype=torch.float32, device="cpu"))
     except CheckpointError as e:
         raise CliError(str(e)) from None
     core = policy
@@ -607,13 +624,13 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
                         loss = sft_loss(sums, denom)
                     else:
                         n = len(rows)
-                        sums, _, aux = sequence_logprobs(
+                        sums, counts, aux = sequence_logprobs(
                             model, [e.prompt for e in rows] * 2, [e.response for e in rows] + [e.rejected for e in rows],
                             return_aux_loss=True, batch_tokens=2 * n * cfg.data.max_length)
                         ref_mb = ref[mb]
                         pair_losses, chosen_r, rejected_r = dpo_loss(
                             sums[:n], sums[n:], ref_mb[:, 0], ref_mb[:, 1], cfg.dpo.beta, cfg.dpo.loss_type,
-                            cfg.dpo.label_smoothing)
+                            cfg.dpo.label_smoothing, chosen_lengths=counts[:n], rejected_lengths=counts[n:])
                         loss = pair_losses.sum() / denom
                         places = torch.tensor([batch.index(i) for i in mb], device=device)
                         rewards[places] = torch.stack([chosen_r, rejected_r], dim=1).float()

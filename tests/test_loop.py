@@ -54,7 +54,8 @@ def tiny_settings(models, out: Path) -> dict:
             "policy.path": pi0, "prompts.path": pool, "prompts.per_round": 4, "prompts.by_source": True,
             "prompts.eval_size": 2, "sample.n": 3, "sample.max_new_tokens": 6, "sample.temperature": 1.0,
             "sample.batch_size": 2, "reward.policy": inst, "reward.reference": base,
-            "reward.reference_template": "mistral", "train.batch_size": 2, "train.micro_batch_size": 1,
+            "reward.policy_template": "mistral", "reward.reference_template": "mistral", "train.batch_size": 2,
+            "train.micro_batch_size": 1,
             "train.lr": 1e-3, "select.keep_truncated": True, "data.max_length": 128, "data.max_prompt_length": 64}
 
 
@@ -75,10 +76,19 @@ def _artifacts(run: Path) -> dict[str, bytes]:
     return out
 
 
-def test_rejection_sampling_two_rounds(models, tmp_path):
+def test_rejection_sampling_two_rounds(models, tmp_path, capsys):
     cfg = config(models, tmp_path / "rs")
+    capsys.readouterr()
     summary = run_loop(cfg)
     run = tmp_path / "rs"
+    # the last lines name the best policy as π_k (round k's metrics are of the policy it starts from, which round
+    # k − 1 trained) and where the summary went
+    k = summary["best"]["round"]
+    made = "the starting policy" if k == 0 else f"trained in round {k - 1}"
+    err = capsys.readouterr().err
+    assert f"loop: best policy: π_{k} (the highest batch reward, " in err and f"; {made}): " in err, err
+    assert err.rstrip().endswith(f"loop: summary: {run / 'summary.json'}, {run / 'summary.png'}, and the link "
+                                 f"{run / 'best'} to the best policy"), err[-300:]
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert json.loads((run / "summary.json").read_text()) == summary
     assert (run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -281,7 +291,9 @@ n = 2
 max_new_tokens = 4
 [reward]
 policy = "{inst}"
+policy_template = "mistral"
 reference = "{base}"
+reference_template = "raw"
 [select]
 keep_truncated = true
 [train]

@@ -16,6 +16,7 @@ from minalign.rewards import LogRatioReward, check_same_tokenizer, cut_batches, 
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
 from tests.tiny import hf_tiny_checkpoint
 
+TEMPLATES = {"policy_template": "mistral", "reference_template": "raw"}  # no defaults: given every time
 ROWS = [
     {"id": 1, "prompt": "What is the quick brown fox?", "prompt_token_ids": [1, 2, 3],
      "responses": [{"text": "a", "token_ids": [45, 200, 17, 399, 2], "logprobs": [-1.0] * 5, "finish_reason": "stop"},
@@ -80,7 +81,7 @@ def assert_close(got, want, tol=1e-4):
 
 def test_log_ratio_matches_transformers(policy, reference, mistral_tokenizer):
     (policy_dir, hf_policy), (reference_dir, hf_reference) = policy, reference
-    scored = LogRatioReward(policy_dir, reference_dir).score(ROWS)  # templates: mistral for the policy, raw for the ref
+    scored = LogRatioReward(policy_dir, reference_dir, **TEMPLATES).score(ROWS)  # mistral for the policy, raw for the ref
     want_p = oracle_sums(hf_policy, mistral_tokenizer, "mistral")
     want_r = oracle_sums(hf_reference, mistral_tokenizer, "raw")
     assert_close(fields(scored, "policy_logprob"), want_p)
@@ -99,13 +100,13 @@ def test_log_ratio_matches_transformers(policy, reference, mistral_tokenizer):
     assert ROWS[0]["responses"][0].get("reward") is None  # the input rows are not modified
 
     # mean and beta rescale the same sums
-    mean = LogRatioReward(policy_dir, reference_dir, normalize="mean", beta=0.5).score(ROWS)
+    mean = LogRatioReward(policy_dir, reference_dir, **TEMPLATES, normalize="mean", beta=0.5).score(ROWS)
     for row, plain in zip(mean, scored):
         for r, q in zip(row["responses"], plain["responses"]):
             assert r["policy_logprob"] == q["policy_logprob"] and r["reference_logprob"] == q["reference_logprob"]
             assert r["reward"] == pytest.approx(0.5 * q["reward"] / q["num_tokens"], rel=1e-12)
     # the reward-source interface: one float per response
-    assert LogRatioReward(policy_dir, reference_dir)(ROWS) == fields(scored, "reward")
+    assert LogRatioReward(policy_dir, reference_dir, **TEMPLATES)(ROWS) == fields(scored, "reward")
 
 
 def test_policy_equal_to_reference_gives_zero(policy):
@@ -126,12 +127,12 @@ def test_templates_change_only_the_prompt(policy, mistral_tokenizer):
 
 def test_reference_free(policy, mistral_tokenizer):
     policy_dir, hf = policy
-    scored = LogRatioReward(policy_dir, None, beta=2.0).score(ROWS)
+    scored = LogRatioReward(policy_dir, None, policy_template="mistral", beta=2.0).score(ROWS)
     assert_close(fields(scored, "policy_logprob"), oracle_sums(hf, mistral_tokenizer, "mistral"))
     for row in scored:
         for r in row["responses"]:
             assert "reference_logprob" not in r and r["reward"] == 2.0 * r["policy_logprob"]
-    mean = LogRatioReward(policy_dir, None, normalize="mean").score(ROWS)
+    mean = LogRatioReward(policy_dir, None, policy_template="mistral", normalize="mean").score(ROWS)
     for row in mean:
         for r in row["responses"]:
             assert r["reward"] == r["policy_logprob"] / r["num_tokens"]
@@ -142,7 +143,7 @@ def test_sampler_end_token_is_scored_as_the_templates_end(policy, mistral_tokeni
     ending with the template's own end token, </s> (2) for mistral."""
     policy_dir, hf = policy
     rows = [{"prompt": "Hi", "responses": [{"token_ids": [17, 45]}, {"token_ids": [45, 17]}]}]
-    scored = LogRatioReward(policy_dir, None, sampler_end_ids=[45]).score(rows)
+    scored = LogRatioReward(policy_dir, None, policy_template="mistral", sampler_end_ids=[45]).score(rows)
     prompt = render_prompt(mistral_tokenizer, "mistral", "Hi")
     assert_close(fields(scored, "policy_logprob"), [[oracle(hf, prompt, [17, 2]), oracle(hf, prompt, [45, 17])]])
     assert scored[0]["responses"][0]["token_ids"] == [17, 45]  # the row itself keeps what was sampled
@@ -152,7 +153,7 @@ def test_tokenizer_mismatch_names_both_dirs(policy, tmp_path_factory, merlinite_
     policy_dir, _ = policy
     other, _ = checkpoint(tmp_path_factory, "mistral", 3, merlinite_tokenizer_dir)  # five more added tokens
     with pytest.raises(ValueError) as info:
-        LogRatioReward(policy_dir, other)
+        LogRatioReward(policy_dir, other, **TEMPLATES)
     msg = str(info.value)
     assert f"the policy {policy_dir} and the reference {other} must share a tokenizer" in msg, msg
     assert "their added tokens differ ('<|endoftext|>'=400, '<|pad|>'=401," in msg, msg
@@ -177,7 +178,7 @@ def test_tokenizer_mismatch_names_both_dirs(policy, tmp_path_factory, merlinite_
 def test_bad_rows(policy, row, phrase):
     policy_dir, _ = policy
     with pytest.raises(ValueError) as info:
-        LogRatioReward(policy_dir).score([ROWS[0], row])
+        LogRatioReward(policy_dir, policy_template="mistral").score([ROWS[0], row])
     assert phrase in str(info.value), str(info.value)
 
 

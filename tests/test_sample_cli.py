@@ -301,7 +301,8 @@ def test_resume_refuses_other_settings(model_dir, reference, tmp_path, capsys, m
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}', 2,
      "ends with a user message"),
     ('{"id": 1, "prompt": "same id as line 1"}', 2, "duplicate id 1 (first at line 1)"),
-    ('{"prompt": "' + "the cat sat on the mat " * 30 + '"}', 2, "exceeds the model's context"),
+    ('{"prompt": "' + "the cat sat on the mat " * 30 + '"}', 2,  # the fix is named first: a smaller budget
+     "exceeds the model's context of 1024: --max-new-tokens "),
 ])
 def test_bad_rows_name_their_line(model_dir, tmp_path, capsys, bad, line, phrase):
     prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "fine"}, bad, {"prompt": "fine too"}])

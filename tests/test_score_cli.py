@@ -63,7 +63,8 @@ def samples(tmp_path_factory, merlinite_tokenizer_dir):
 def args_for(models, samples, out, *extra, **flags) -> list[str]:
     policy, reference = models
     argv = ["--samples", str(samples), "--policy", str(policy), "--reference", str(reference), "--out", str(out)]
-    for k, v in {"batch_tokens": BATCH_TOKENS, **flags}.items():
+    for k, v in {"batch_tokens": BATCH_TOKENS, "policy_template": "mistral", "reference_template": "raw",
+                 **flags}.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv + list(extra)
 
@@ -95,7 +96,7 @@ def test_output_rows(models, samples, reference_run, tmp_path):
             assert r["reward"] == r["policy_logprob"] - r["reference_logprob"]
             assert r["policy_logprob"] < 0 and r["reference_logprob"] < 0
     # The same numbers as the library's reward source (the same forwards, so to the bit).
-    want = LogRatioReward(*models, batch_tokens=BATCH_TOKENS).score(given)
+    want = LogRatioReward(*models, policy_template="mistral", reference_template="raw", batch_tokens=BATCH_TOKENS).score(given)
     assert rows == want
 
 
@@ -107,13 +108,16 @@ def test_mean_beta_and_reference_free(models, samples, reference_run, tmp_path, 
     for row, p in zip(read_rows(out), plain):
         for r, q in zip(row["responses"], p["responses"]):
             assert r["reward"] == pytest.approx(0.5 * q["reward"] / q["num_tokens"], rel=1e-12)
+    assert (f"score.py: policy {models[0]} reads prompts in the 'mistral' template; reference {models[1]} reads "
+            f"prompts in the 'raw' template\n") in err, err
     summary = err.splitlines()[-1]
     assert summary.startswith("score.py: rows 7, responses 21, tokens ") and ", mean reward " in summary, err
     assert summary.endswith(f"tokens/s -> {out}"), summary
 
     out = tmp_path / "free.jsonl"
     argv = args_for(models, samples, out, "--reference-free")
-    argv[argv.index("--reference"):argv.index("--reference") + 2] = []
+    for flag in ("--reference", "--reference-template"):
+        argv[argv.index(flag):argv.index(flag) + 2] = []
     code, err = run_main(argv, capsys)
     assert code == 0, err
     for row, p in zip(read_rows(out), plain):
@@ -237,7 +241,7 @@ def test_sampler_end_ids(mistral_models, samples, tmp_path, capsys):
     assert any(r["token_ids"][-1] == 400 for row in rows for r in row["responses"])  # the rows keep what was sampled
     swapped = [{**row, "responses": [{**r, "token_ids": r["token_ids"][:-1] + [2] if r["token_ids"][-1] == 400
                                       else r["token_ids"]} for r in row["responses"]]} for row in read_rows(samples)]
-    want = LogRatioReward(*mistral_models, batch_tokens=BATCH_TOKENS).score(swapped)
+    want = LogRatioReward(*mistral_models, policy_template="mistral", reference_template="raw", batch_tokens=BATCH_TOKENS).score(swapped)
     assert [[r["reward"] for r in row["responses"]] for row in rows] == \
         [[r["reward"] for r in row["responses"]] for row in want]
 
@@ -266,7 +270,7 @@ def test_a_non_finite_log_prob_is_an_error(models, samples, tmp_path, capsys, mo
     monkeypatch.setattr(score, "batch_logprobs", lambda *a: [v if k else float("nan") for k, v in enumerate(real(*a))])
     code, err = run_main(args_for(models, samples, tmp_path / "out.jsonl"), capsys)
     assert code == 2 and f"{samples}:" in err and "the policy gives responses[" in err and "a log-prob of nan" in err, err
-    assert err.count("\n") == 1, err
+    assert err.count("\n") == 2 and err.startswith("score.py: policy "), err  # the start-up line, the error
 
 
 @pytest.mark.parametrize("change, phrase", [
@@ -274,10 +278,17 @@ def test_a_non_finite_log_prob_is_an_error(models, samples, tmp_path, capsys, mo
     (("--normalize", "max"), "argument --normalize: invalid choice: 'max'"),
     (("--reference-free",), "give --reference DIR, or --reference-free, not both"),
     (("--batch-tokens", "0"), "--batch-tokens 0 is out of range"),
+    (("-policy-template",), "the following arguments are required: --policy-template"),
+    (("-reference-template",), "the following arguments are required: --reference-template"),
 ])
 def test_bad_flags(models, samples, tmp_path, capsys, change, phrase):
+    """A "-flag" change removes that flag and its value: templates have no default (a wrong one gives no error)."""
+    argv = args_for(models, samples, tmp_path / "out.jsonl")
+    if change[0].startswith("-") and not change[0].startswith("--"):
+        at = argv.index("-" + change[0])
+        argv[at:at + 2], change = [], ()
     with pytest.raises(SystemExit) as info:
-        score.main(args_for(models, samples, tmp_path / "out.jsonl", *change))
+        score.main(argv + list(change))
     err = capsys.readouterr().err
     assert info.value.code == 2 and phrase in err, err
 

@@ -188,6 +188,10 @@ def test_resume_continues_with_identical_losses(model_dir, dpo_data, tmp_path):
     with pytest.raises(CliError, match="train.lr"):
         trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=4, warmup_steps=1, lr=2e-3,
                              resume=True))
+    # More steps would stretch the cosine over them and raise the learning rate again: refused, with the way on.
+    with pytest.raises(CliError, match=r"\(train.steps\); resume with the same ones \(train.steps 4 then: the "
+                                       r"learning-rate schedule is laid over it; to train on, start a new run from "):
+        trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=8, warmup_steps=1, resume=True))
     rest = trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=4, warmup_steps=1, resume=True))
     assert first["losses"] + rest["losses"] == straight["losses"]
     assert_same_weights(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"), tol=0)
@@ -306,12 +310,42 @@ def test_bad_input(model_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_command_line(model_dir, sft_data, tmp_path, capsys):
+    capsys.readouterr()
     assert train_cli.main(cli_args(model_dir, sft_data, tmp_path / "run", steps=2, log_every=1)) == 0
     assert (tmp_path / "run" / "final" / "tokenizer.model").is_file()
+    start = capsys.readouterr().err.splitlines()[0]  # SFT has no chosen and rejected to count
+    assert start.startswith(f"train.py: sft on 16 rows of {sft_data} (0 invalid skipped; truncated: ") and \
+        "identical" not in start, start
     with pytest.raises(SystemExit) as e:
         train_cli.main(cli_args(model_dir, sft_data, tmp_path / "x", nonsense=1))
     assert e.value.code == 2 and "unknown config key train.nonsense" in capsys.readouterr().err
     assert load_config(str(ROOT / "configs" / "dpo_tiny.toml")).dpo.beta == 0.1
+
+
+def test_configuration_mistakes_are_one_line_and_status_2(model_dir, sft_data, tmp_path):
+    """A template the tokenizer lacks tokens for, a model dir that is not there: one line, status 2, through the
+    real command line (it used to be a traceback, status 1, calling the model dir a "tokenizer directory")."""
+    nowhere = tmp_path / "no-model"
+    for argv, line in [
+        (cli_args(model_dir, sft_data, tmp_path / "a") + ["--model.template", "raw", "--model.path", str(nowhere)],
+         f"train.py: error: model.path {nowhere}: no such directory (expected an HF checkpoint dir: config.json, "
+         f"weights and tokenizer files)"),
+        (cli_args(model_dir, sft_data, tmp_path / "b") + ["--model.reference", str(nowhere)],
+         f"train.py: error: model.reference {nowhere}: no such directory"),
+    ]:
+        run = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and run.stderr.startswith(line), run.stderr
+    plain = tmp_path / "plain"  # a tokenizer without Merlinite's <|user|>, <|assistant|>, ...
+    plain.mkdir()
+    for f in model_dir.iterdir():
+        if f.name not in ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+            shutil.copy(f, plain / f.name)
+    argv = cli_args(plain, sft_data, tmp_path / "c") + ["--model.template", "merlinite"]
+    run = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith(f"train.py: error: model.template 'merlinite' does not fit the tokenizer of {plain}: "
+                                 f"chat template 'merlinite' needs token(s) "), run.stderr
+    assert not (tmp_path / "c").exists()
 
 
 if __name__ == "__main__":  # torchrun ... -m tests.test_trainer OVERRIDES...: one trainer.train per JSON override list

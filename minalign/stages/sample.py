@@ -123,8 +123,10 @@ def load_jobs(args: argparse.Namespace, tokenizer, context: int) -> tuple[list[J
             bad(DataError(path, line, str(e)))
             continue
         if len(ids) + args.max_new_tokens > context:
+            room = context - len(ids)  # the fix is a smaller --max-new-tokens, when the prompt leaves any room
+            fix = f"--max-new-tokens {room} or less fits it" if room > 0 else "the prompt alone fills it"
             bad(DataError(path, line, f"the prompt is {len(ids)} tokens; with --max-new-tokens "
-                                      f"{args.max_new_tokens} that exceeds the model's context of {context}"))
+                                      f"{args.max_new_tokens} that exceeds the model's context of {context}: {fix}"))
             continue
         row_id = row.get("id", line)
         if row_id in seen_ids:
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         except (OSError, ValueError) as e:
             raise CliError(f"--reward: {e}") from None
     try:
-        model = minalign.load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval()
+        model = distributed.fit_threads(minalign.load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval())
     except CheckpointError as e:  # names the file or keys at fault
         raise CliError(str(e)) from None
 

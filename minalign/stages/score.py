@@ -1,12 +1,14 @@
 """score.py: the DPO log-ratio reward of every sampled response, samples.jsonl -> scores.jsonl.
 
-    python score.py --samples samples.jsonl --policy MIXTRAL_INSTRUCT_DIR --reference MIXTRAL_DIR --out scores.jsonl
+    python score.py --samples samples.jsonl --policy MIXTRAL_INSTRUCT_DIR --policy-template mistral \
+        --reference MIXTRAL_DIR --reference-template raw --out scores.jsonl
     torchrun --nproc_per_node 8 score.py ...           # the responses shared out, one merged output file
     torchrun --nproc_per_node 8 score.py --fsdp ...    # and each model sharded over the ranks (FSDP2)
 
 reward = β·(Σ_t log π_policy(y_t|x, y_<t) − Σ_t log π_ref(y_t|x, y_<t)) over the response tokens; --normalize mean
 divides each sum by the response's token count; --reference-free keeps the policy term alone. Each model reads
-the prompt in its own chat template (--policy-template, --reference-template); the response is the sampled
+the prompt in its own chat template (--policy-template, --reference-template: required, since a model read in a
+template it was not trained on gives a wrong number, not an error); the response is the sampled
 token_ids, the same for both models (which must share a tokenizer).
 
 Input: sample.py's rows, {"id", "prompt" (a string or messages), "prompt_token_ids", "responses": [{"text",
@@ -55,10 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policy", required=True, help="HF checkpoint dir of the policy (Mixtral-8x7B-Instruct)")
     p.add_argument("--reference", help="HF checkpoint dir of the reference (Mixtral-8x7B); not with --reference-free")
     p.add_argument("--out", required=True, help="output JSONL; <out>.partial holds progress until it is complete")
-    p.add_argument("--policy-template", choices=sorted(TEMPLATES), default="mistral",
-                   help="chat template the policy reads the prompt in")
-    p.add_argument("--reference-template", choices=sorted(TEMPLATES), default="raw",
-                   help="chat template the reference reads the prompt in")
+    # No default templates: a model read in a template it was not trained on still gives a number, only a wrong one.
+    p.add_argument("--policy-template", choices=sorted(TEMPLATES), required=True,
+                   help="chat template the policy reads the prompt in (Mixtral-8x7B-Instruct: mistral)")
+    p.add_argument("--reference-template", choices=sorted(TEMPLATES),
+                   help="chat template the reference reads the prompt in (the base Mixtral-8x7B: raw); required "
+                        "with --reference")
     p.add_argument("--normalize", choices=NORMALIZE, default="sum",
                    help="sum: log-prob sums; mean: each sum divided by the response's number of tokens")
     p.add_argument("--beta", type=float, default=1.0, help="scale of the reward")
@@ -75,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reference_free == (args.reference is not None):
         p.error("give --reference DIR, or --reference-free, not both" if args.reference_free
                 else "the following arguments are required: --reference (or --reference-free)")
+    if (args.reference is not None) != (args.reference_template is not None):
+        p.error("--reference-template goes with --reference" if args.reference is None
+                else "the following arguments are required: --reference-template (the template the reference "
+                     "model was trained on)")
     cli.check_flags(p, args, {"--batch-tokens": args.batch_tokens >= 1, "--beta": math.isfinite(args.beta),
                               "--sampler-end-ids": all(i >= 0 for i in args.sampler_end_ids)})
     return args
@@ -212,6 +220,9 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     partial, ours, entries = open_partials(out, rank, world, resume=args.resume, fmt=PARTIAL_FORMAT,
                                            settings=settings)
     done = finished_logprobs(entries, jobs, passes)
+    if main_rank:  # what each model reads, said once the run starts (an error before it stays one line)
+        print("score.py: " + "; ".join(f"{name} {d} reads prompts in the {template!r} template"
+                                       for name, (d, template) in models.items()), file=sys.stderr)
     if done and main_rank:
         total = len(passes) * sum(len(job.sequences[0]) for job in jobs)
         print(f"score.py: resuming: {len(done)} of {total} response log-probs are done", file=sys.stderr)
