@@ -46,7 +46,9 @@ Artifacts in `out`, each written atomically (a temp file or dir, then os.replace
 and skipped by a rerun when it exists: demo.json (the settings; a rerun with others is refused), prompts.jsonl (the
 alignment pool) and eval.jsonl (held out), rows {"id", "prompt", "source"}; tokenizer/; noisy.jsonl and clean.jsonl
 (the SFT rows of base and teacher, {"prompt", "response"}); base/ and teacher/ (HF checkpoint dirs with the
-tokenizer files).
+tokenizer files). Base and teacher train in base.run/ and teacher.run/ (the trainer's run dirs, removed once the
+model is in place) with a checkpoint every SAVE_EVERY steps: a rerun after a kill resumes the model's training
+from its last checkpoint, and the trainer's exact resume makes the result byte-identical to an uninterrupted build.
 """
 from __future__ import annotations
 
@@ -65,15 +67,17 @@ import sentencepiece as spm
 import torch
 
 import minalign
-from minalign.cli import CliError
-from minalign.data import atomic_write, read_jsonl, write_jsonl
-from minalign.trainer import DataSection, ModelSection, TrainConfig, TrainSection, check_config, train
+from minalign.cli import CliError, changed_settings
+from minalign.data import atomic_write, file_sha256, read_jsonl, write_jsonl
+from minalign.trainer import (DataSection, ModelSection, TrainConfig, TrainSection, run_settings, check_config,
+                              latest_checkpoint, train)
 
 TEMPLATE = "mistral"  # chat template of the policy and of both reward models
 OPERATIONS = {"add": ("plus", lambda a, b: a + b), "sub": ("minus", lambda a, b: a - b),
               "mul": ("times", lambda a, b: a * b)}  # source -> (its word in the question, the ground truth)
 OFFSETS = (1, -1, 2, -2, 3, -3)  # a wrong answer is the right one plus one of these
 QUESTION = re.compile(r"What is (\d+) (plus|minus|times) (\d+)\?")
+SAVE_EVERY = 100  # trainer checkpoints of base and teacher: a kill loses at most this many steps (~1 s)
 MAX_LENGTH = 64  # the models' context; a demo row takes ~20 tokens, the answer 3-5 of them ("▁", "-", digits, "</s>")
 
 
@@ -197,6 +201,31 @@ def clean_rows(questions: list[dict]) -> list[dict]:
     return [{"prompt": q["prompt"], "response": str(answer(q["prompt"]))} for q in questions]
 
 
+def pair_rows(questions: list[dict]) -> list[dict]:
+    """DPO rows for configs/dpo_tiny.toml (not used by the demo itself): each question's right answer (chosen) over
+    a near miss (rejected), the offsets taken in turn."""
+    return [{"prompt": q["prompt"], "chosen": str(answer(q["prompt"])),
+             "rejected": str(answer(q["prompt"]) + OFFSETS[k % len(OFFSETS)])} for k, q in enumerate(questions)]
+
+
+def check_rewards(run: Path) -> list[dict]:
+    """Per round of a demo loop run: of the held-out prompts where a right answer was sampled, on how many the
+    top-reward sample is right, and the prompts where a wrong one got the top reward (over-optimisation)."""
+    out = []
+    for k in range(len(list(run.glob("round_*")))):
+        path = run / f"round_{k}" / "eval_scores.jsonl"
+        if not path.is_file():
+            break
+        rows = [row for _, row in read_jsonl(path)]
+        right = accuracy(rows)
+        drawn = [i for i, r in enumerate(right) if max(r) == 1.0]
+        top = [max(range(len(r["responses"])), key=lambda j: r["responses"][j]["reward"]) for r in rows]
+        wrong = [(rows[i]["prompt"], rows[i]["responses"][top[i]]["text"]) for i in drawn if right[i][top[i]] == 0.0]
+        out.append({"round": k, "prompts": len(rows), "right_drawn": len(drawn),
+                    "top_right": len(drawn) - len(wrong), "top_wrong": wrong})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- the pieces
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> minalign.Tokenizer:
@@ -224,21 +253,49 @@ def model_config(d: DemoSection, vocab_size: int) -> minalign.ModelConfig:
                                max_position_embeddings=MAX_LENGTH, sliding_window=None)
 
 
-def sft(init: Path, data: Path, steps: int, lr: float, d: DemoSection, run: Path) -> Path:
-    """SFT of checkpoint init on data with minalign's trainer, in run dir `run`; returns its final/ dir."""
+def sft_config(init: Path, data: Path, steps: int, lr: float, d: DemoSection, run: Path) -> TrainConfig:
+    """The trainer's config for SFT of checkpoint init on data in run dir `run`: resumed from its last checkpoint
+    (one every SAVE_EVERY steps) when it has one."""
     cfg = TrainConfig(
         model=ModelSection(path=str(init), template=TEMPLATE),
         data=DataSection(path=str(data), max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - 8),
         train=TrainSection(mode="sft", out=str(run), steps=steps, batch_size=d.batch_size,
                            micro_batch_size=d.batch_size,  # one forward per step: the fastest on a CPU
                            lr=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1, seed=d.seed,
-                           log_every=max(1, steps // 4), device="cpu"))
+                           log_every=max(1, steps // 4), save_every=SAVE_EVERY, keep_checkpoints=1,
+                           resume=True, device="cpu"))
     check_config(cfg)
+    return cfg
+
+
+def sft(cfg: TrainConfig) -> Path:
+    """Run (or resume) the SFT cfg describes with minalign's trainer; returns its final/ dir."""
     done = train(cfg, device=torch.device("cpu"))
     if done["stats"].truncated_prompts or done["stats"].truncated_responses:  # only a tiny demo.vocab_size can do it
-        raise CliError(f"{data}: rows longer than the demo models' context of {MAX_LENGTH} tokens; raise "
+        raise CliError(f"{cfg.data.path}: rows longer than the demo models' context of {MAX_LENGTH} tokens; raise "
                        f"demo.vocab_size")
     return done["final"]
+
+
+def _resumable_step(cfg: TrainConfig, run: Path, log) -> int:
+    """The step run's latest checkpoint holds, for the trainer to resume from; 0 (and run cleared) when there is
+    none, or when it was written with other trainer settings than cfg's (the setup moved to another demo.out, or
+    demo.py changed): the demo starts such a run over rather than have the trainer refuse it."""
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return 0
+    try:
+        prev = json.loads((ckpt / "trainer_state.json").read_text())
+        now = {**run_settings(cfg, 1), "data_sha256": file_sha256(Path(cfg.data.path))}
+        diffs = changed_settings(prev["settings"], now)
+        step, why = prev["step"], f"written with other settings: {', '.join(diffs)}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        diffs, why = ["?"], f"unreadable: {e}"
+    if not diffs:
+        return step
+    log(f"demo: cannot resume {run} ({ckpt.name} {why}); starting it over")
+    shutil.rmtree(run)
+    return 0
 
 
 def _settings(d: DemoSection) -> dict:
@@ -250,7 +307,8 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
     """Build the demo's task, tokenizer and two models into d.out; return their paths:
     {"base": dir, "teacher": dir, "prompts": file, "eval": file}. Resumable: each artifact is skipped when it
     already exists; every artifact is written atomically (temp file/dir + os.replace), so a kill leaves no
-    half-written one. CliError if d.out was built with other settings (demo.json says which)."""
+    half-written one; a killed model training resumes from its last checkpoint. CliError if d.out was built with
+    other settings (demo.json says which)."""
     check(d)
     out = Path(d.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +321,9 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
                            f"choose another demo.out")
     else:
         atomic_write(stamp, json.dumps(_settings(d), indent=1) + "\n")
+    for tmp in out.glob(".*.tmp"):  # atomic_write's temp files of a killed build
+        if tmp.is_file():
+            tmp.unlink()
     paths = {"base": out / "base", "teacher": out / "teacher", "prompts": out / "prompts.jsonl",
              "eval": out / "eval.jsonl"}
 
@@ -272,11 +333,12 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
             write_jsonl(paths[key], rows)
             log(f"demo: {len(rows)} prompts -> {paths[key]}")
     questions = pool + held  # the models know every question; only the rounds' sampling is restricted to the pool
-    data = {"noisy": out / "noisy.jsonl", "clean": out / "clean.jsonl"}
-    for key, rows in (("noisy", lambda: noisy_rows(questions, d)), ("clean", lambda: clean_rows(questions))):
+    data = {"noisy": out / "noisy.jsonl", "clean": out / "clean.jsonl", "pairs": out / "pairs.jsonl"}
+    for key, rows in (("noisy", lambda: noisy_rows(questions, d)), ("clean", lambda: clean_rows(questions)),
+                      ("pairs", lambda: pair_rows(pool))):
         if not data[key].is_file():
             write_jsonl(data[key], rows())
-            log(f"demo: {key} SFT rows -> {data[key]}")
+            log(f"demo: {key} {'DPO' if key == 'pairs' else 'SFT'} rows -> {data[key]}")
 
     tok_dir = out / "tokenizer"
     if not tok_dir.is_dir():
@@ -292,19 +354,38 @@ def build(d: DemoSection, log=print) -> dict[str, Path]:
 
     for name, init, key, steps, lr in (("base", None, "noisy", d.base_steps, d.base_lr),
                                        ("teacher", paths["base"], "clean", d.teacher_steps, d.teacher_lr)):
-        if paths[name].is_dir():
-            continue
-        # A killed run is started over (it holds no checkpoint before its last step, and takes well under a minute).
         run = out / f"{name}.run"
-        shutil.rmtree(run, ignore_errors=True)
-        if init is None:  # the base starts from random weights, saved with the tokenizer as the trainer's input
-            init = run / "init"
-            model = minalign.Transformer(model_config(d, tokenizer.vocab_size)).init_weights(seed=d.seed)
-            minalign.save_model(model, init)
-            tokenizer.save(init)
-        log(f"demo: training the {name} ({steps} SFT steps on {data[key]})")
+        if paths[name].is_dir():
+            shutil.rmtree(run, ignore_errors=True)  # a kill between the move of its final/ and this cleanup
+            continue
         began = time.perf_counter()
-        os.replace(sft(init, data[key], steps, lr, d, run), paths[name])
+        if not (run / "final").is_dir():  # else trained already, killed before the move below
+            if init is None:  # the base starts from random weights, saved with the tokenizer as the trainer's input
+                init = run / "init"
+            cfg = sft_config(init, data[key], steps, lr, d, run)
+            step = _resumable_step(cfg, run, log)
+            if name == "base" and not init.is_dir():  # deterministic (seed): a killed write is simply redone
+                tmp = run / ".init.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                model = minalign.Transformer(model_config(d, tokenizer.vocab_size)).init_weights(seed=d.seed)
+                minalign.save_model(model, tmp)
+                tokenizer.save(tmp)
+                os.replace(tmp, init)
+            log(f"demo: training the {name} ({steps} SFT steps on {data[key]}"
+                + (f", resuming at step {step})" if step else ")"))
+            sft(cfg)
+        os.replace(run / "final", paths[name])
         shutil.rmtree(run)
         log(f"demo: {name} ({time.perf_counter() - began:.0f} s) -> {paths[name]}")
     return paths
+
+
+if __name__ == "__main__":  # python -m minalign.demo check RUN_DIR: the README's figures of what the reward picks
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "check" or not Path(sys.argv[2]).is_dir():
+        sys.exit("usage: python -m minalign.demo check RUN_DIR (e.g. runs/demo/rejection-sampling)")
+    for r in check_rewards(Path(sys.argv[2])):
+        wrong = "; ".join(f"{p!r} -> {t!r}" for p, t in r["top_wrong"])
+        print(f"round {r['round']}: {r['prompts']} held-out prompts, a right answer sampled on {r['right_drawn']}, "
+              f"the top-reward sample right on {r['top_right']}" + (f"; wrong at the top: {wrong}" if wrong else ""))

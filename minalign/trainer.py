@@ -479,7 +479,7 @@ def _micro_batches(batch: list[int], m: int, world: int, rank: int) -> list[list
     return runs[rank::world]
 
 
-def _run_settings(cfg: TrainConfig, world: int) -> dict:
+def run_settings(cfg: TrainConfig, world: int) -> dict:
     """What a resume must share with the run it continues (the rest — logging, saving, parallelism — may change).
     train.steps stays: the warmup and cosine are laid over it, so more steps would make the learning rate rise
     again in the middle of a run."""
@@ -526,7 +526,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
         raise CliError(f"model.template {cfg.model.template!r} does not fit the tokenizer of {cfg.model.path}: "
                        f"{e}") from None
     examples, stats = load_examples(cfg, tokenizer)
-    settings = {**_run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
+    settings = {**run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
     start, prev = 0, None
     if ckpt is not None:
         prev = json.loads((ckpt / "trainer_state.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import minalign
-from minalign import demo
+from minalign import demo, trainer
 from minalign.chat import end_token_id, render_prompt
 from minalign.cli import CliError
 from minalign.data import read_jsonl
@@ -40,6 +40,27 @@ def rows_of(path: Path) -> list[dict]:
 
 def mtimes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+LR_AT = trainer.lr_at  # the real one, for kill_at to wrap
+
+
+class Killed(BaseException):
+    """Stands for a kill -9: nothing in the code under test catches it."""
+
+
+def kill_at(monkeypatch, run: str, step: int) -> None:
+    """Make the trainer die as it begins 0-based step `step` of the run dir named `run` (the steps before it done,
+    the ones since the last checkpoint lost, as a kill -9 would leave them); replaces an earlier kill_at."""
+    def lr_at(s, t):
+        if Path(t.out).name == run and s == step:
+            raise Killed(f"{run} at step {s}")
+        return LR_AT(s, t)
+    monkeypatch.setattr(trainer, "lr_at", lr_at)
 
 
 def test_accuracy_reads_the_ground_truth_from_the_prompt():
@@ -143,7 +164,8 @@ def test_build_resumes(built, tmp_path):
     assert demo.build(again, log=lines.append) == {k: copy / p.name for k, p in paths.items()}
     assert lines == [] and mtimes(copy) == before  # nothing redone, nothing touched
 
-    # A killed teacher run left its run dir and temp files; eval.jsonl was deleted: both come back, nothing else.
+    # A teacher run dir the trainer cannot resume (latest.json names no checkpoint) and a deleted eval.jsonl: both
+    # come back, nothing else.
     shutil.rmtree(copy / "teacher")
     (copy / "eval.jsonl").unlink()
     (copy / "teacher.run" / "checkpoints").mkdir(parents=True)
@@ -159,3 +181,58 @@ def test_build_resumes(built, tmp_path):
 
     with pytest.raises(CliError, match=r"demo.json: .* other settings \(seed 0 -> 1\)"):
         demo.build(demo.DemoSection(out=str(copy), **{**SMALL, "seed": 1}))
+
+
+def test_build_resumes_a_killed_training_from_its_checkpoint(built, tmp_path, monkeypatch, capsys):
+    """Killed mid-way through the base, then mid-way through the teacher, the build resumes each from its last
+    checkpoint, and both models are byte for byte those of the uninterrupted build (made with another SAVE_EVERY,
+    so checkpointing does not change the training either)."""
+    d, paths, _ = built
+    copy = tmp_path / "setup"
+    shutil.copytree(d.out, copy)
+    shutil.rmtree(copy / "base")
+    shutil.rmtree(copy / "teacher")
+    again = demo.DemoSection(out=str(copy), **SMALL)
+    monkeypatch.setattr(demo, "SAVE_EVERY", 40)
+
+    kill_at(monkeypatch, "base.run", 150)  # checkpoints at steps 40, 80, 120; 30 steps lost
+    with pytest.raises(Killed):
+        demo.build(again, log=lambda line: None)
+    assert trainer.latest_checkpoint(copy / "base.run") == copy / "base.run" / "checkpoints" / "step_000120"
+    capsys.readouterr()
+
+    kill_at(monkeypatch, "teacher.run", 70)  # the base resumes and finishes, the teacher dies after step 40's save
+    lines = []
+    with pytest.raises(Killed):
+        demo.build(again, log=lines.append)
+    assert lines[0] == f"demo: training the base (300 SFT steps on {copy / 'noisy.jsonl'}, resuming at step 120)"
+    assert f"resuming from {copy / 'base.run' / 'checkpoints' / 'step_000120'} at step 120" in capsys.readouterr().err
+    assert (copy / "base").is_dir() and not (copy / "base.run").exists()
+
+    monkeypatch.setattr(trainer, "lr_at", LR_AT)  # no more kills
+    moved = tmp_path / "moved"  # the killed teacher run, resumed from another demo.out, is started over
+    shutil.copytree(copy, moved)
+    lines = []
+    demo.build(again, log=lines.append)
+    assert lines[0] == f"demo: training the teacher (100 SFT steps on {copy / 'clean.jsonl'}, resuming at step 40)"
+    assert f"resuming from {copy / 'teacher.run' / 'checkpoints' / 'step_000040'} at step 40" in capsys.readouterr().err
+    for name in ("base", "teacher"):
+        assert contents(copy / name) == contents(paths[name]), name
+    assert not list(copy.glob("*.run")) and not list(copy.glob(".*"))
+
+    lines = []
+    demo.build(demo.DemoSection(out=str(moved), **SMALL), log=lines.append)
+    assert lines[0].startswith(f"demo: cannot resume {moved / 'teacher.run'} (step_000040 written with other "
+                               f"settings: data.path, model.path, train.out); starting it over")
+    assert lines[1] == f"demo: training the teacher (100 SFT steps on {moved / 'clean.jsonl'})"
+    assert contents(moved / "teacher") == contents(paths["teacher"])
+
+    # Killed after the training but before its final/ was moved into place, or before the run dir was removed.
+    shutil.rmtree(copy / "base.run", ignore_errors=True)
+    (copy / "teacher.run").mkdir()
+    (copy / "teacher").rename(copy / "teacher.run" / "final")
+    (copy / "base.run" / "checkpoints").mkdir(parents=True)
+    lines = []
+    demo.build(again, log=lines.append)
+    assert [line.split(" -> ")[-1] for line in lines] == [str(copy / "teacher")]
+    assert contents(copy / "teacher") == contents(paths["teacher"]) and not list(copy.glob("*.run"))
