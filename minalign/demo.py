@@ -384,7 +384,8 @@ if __name__ == "__main__":  # python -m minalign.demo check RUN_DIR: the README'
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "check" or not Path(sys.argv[2]).is_dir():
-        sys.exit("usage: python -m minalign.demo check RUN_DIR (e.g. runs/demo/rejection-sampling)")
+        print("usage: python -m minalign.demo check RUN_DIR (e.g. runs/demo/rejection-sampling)", file=sys.stderr)
+        sys.exit(2)
     for r in check_rewards(Path(sys.argv[2])):
         wrong = "; ".join(f"{p!r} -> {t!r}" for p, t in r["top_wrong"])
         print(f"round {r['round']}: {r['prompts']} held-out prompts, a right answer sampled on {r['right_drawn']}, "

@@ -111,8 +111,12 @@ def test_build_writes_the_task_and_two_models(built):
         assert minalign.load_model(paths[name]).config.vocab_size == tok.vocab_size
     assert not list(out.glob("*.run")) and not list(out.glob(".*"))  # the training runs and temp dirs are gone
     assert [line.split(" -> ")[-1] for line in lines if " -> " in line] == [
-        str(out / name) for name in ("prompts.jsonl", "eval.jsonl", "noisy.jsonl", "clean.jsonl", "tokenizer", "base",
-                                     "teacher")]
+        str(out / name) for name in ("prompts.jsonl", "eval.jsonl", "noisy.jsonl", "clean.jsonl", "pairs.jsonl",
+                                     "tokenizer", "base", "teacher")]
+    pairs = rows_of(out / "pairs.jsonl")  # configs/dpo_tiny.toml's data: right over a near miss, pool questions
+    assert [r["prompt"] for r in pairs] == [r["prompt"] for r in rows_of(paths["prompts"])]
+    assert all(r["chosen"] == str(demo.answer(r["prompt"])) and int(r["rejected"]) - int(r["chosen"]) in demo.OFFSETS
+               for r in pairs)
 
 
 def test_log_ratio_ranks_the_right_answer_above_near_misses(built):
