@@ -48,7 +48,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     a flag without one (None, an off switch, an empty list); an epilog as written (the settings table)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+        d = action.default
+        if "default" in (action.help or "") or d is None or d is False or d == [] or d == argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -56,10 +57,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block above it), as every other mistake is; status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def parser(doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A stage's argument parser, described by its docstring's first line ("sample.py: what it does")."""
-    return argparse.ArgumentParser(description=doc.split("\n")[0].split(": ", 1)[1], epilog=epilog,
-                                   formatter_class=_HelpFormatter)
+    return _Parser(description=doc.split("\n")[0].split(": ", 1)[1], epilog=epilog, formatter_class=_HelpFormatter)
 
 
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
@@ -104,7 +111,7 @@ def add_common_flags(p: argparse.ArgumentParser, rows: str) -> None:
 
 
 def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, in_range: dict[str, bool]) -> None:
-    """argparse's way (a usage line, then the error; status 2) for --device cuda without CUDA and for the first
+    """argparse's way (one line, status 2) for --device cuda without CUDA and for the first
     flag of in_range ({"--top-p": 0 < args.top_p <= 1, ...}) whose value is out of range."""
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
@@ -178,6 +185,16 @@ def read_settings(cfg, path: str | None, overrides: list[tuple[str, str]] = ()):
                 raise CliError(f"unknown config key {section}.{name}; {section} has {', '.join(known)}")
             setattr(obj, name, _typed(section, name, known[name], value))
     return cfg
+
+
+def require_checkpoint_dir(path, name: str) -> Path:
+    """path as a Path; CliError naming the flag or key `name` if it is not a directory (missing, or a file)."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise CliError(f"{name} {path}: {what} (expected an HF checkpoint dir: config.json, weights and tokenizer "
+                       f"files)")
+    return path
 
 
 def changed_settings(then: dict, now: dict, prefix: str = "") -> list[str]:

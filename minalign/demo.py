@@ -386,7 +386,12 @@ if __name__ == "__main__":  # python -m minalign.demo check RUN_DIR: the README'
     if len(sys.argv) != 3 or sys.argv[1] != "check" or not Path(sys.argv[2]).is_dir():
         print("usage: python -m minalign.demo check RUN_DIR (e.g. runs/demo/rejection-sampling)", file=sys.stderr)
         sys.exit(2)
-    for r in check_rewards(Path(sys.argv[2])):
+    found = check_rewards(Path(sys.argv[2]))
+    if not found:
+        print(f"python -m minalign.demo check: {sys.argv[2]} holds no round_0/eval_scores.jsonl (a loop run dir, "
+              f"e.g. runs/demo/rejection-sampling)", file=sys.stderr)
+        sys.exit(2)
+    for r in found:
         wrong = "; ".join(f"{p!r} -> {t!r}" for p, t in r["top_wrong"])
         print(f"round {r['round']}: {r['prompts']} held-out prompts, a right answer sampled on {r['right_drawn']}, "
               f"the top-reward sample right on {r['top_right']}" + (f"; wrong at the top: {wrong}" if wrong else ""))

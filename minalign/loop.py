@@ -126,7 +126,7 @@ class RewardSection:
 @dataclass
 class SelectSection:
     keep_truncated: bool = False  # let responses cut at max_new_tokens be selected (they would be trained to end)
-    min_margin: float = 0.0  # iterative-dpo: skip a prompt whose top and bottom rewards differ by no more
+    min_margin: float = 0.0  # iterative-dpo: skip a prompt whose top and bottom rewards differ by this or less
 
 
 @dataclass

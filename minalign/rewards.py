@@ -134,6 +134,8 @@ class Scorer:
         """Read config.json and the tokenizer of checkpoint dir path; ValueError (or OSError) naming what is wrong,
         including a template whose special tokens the tokenizer lacks."""
         path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"{path}: not a directory (expected an HF checkpoint dir)")
         config = from_hf_config(path / "config.json")
         tokenizer = minalign.load_tokenizer(path)
         if tokenizer.vocab_size > config.vocab_size:

@@ -44,7 +44,8 @@ import minalign
 from minalign import distributed
 from minalign.chat import TEMPLATES, end_token_id, render_conversation, render_prompt
 from minalign.checkpoint import CheckpointError
-from minalign.cli import BadRows, CliError, changed_settings, read_settings
+from minalign.config import from_hf_config
+from minalign.cli import BadRows, CliError, changed_settings, read_settings, require_checkpoint_dir
 from minalign.data import DataError, as_messages, atomic_write, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import LOSS_TYPES, dpo_loss, dpo_metrics, sft_loss
@@ -512,10 +513,8 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
         raise CliError(f"{run} holds a run already ({ckpt}); set train.resume = true (--train.resume true) to "
                        f"continue it, or choose another train.out")
     for key in ("path", "reference"):
-        where = getattr(cfg.model, key)
-        if where and not Path(where).is_dir():
-            raise CliError(f"model.{key} {where}: no such directory (expected an HF checkpoint dir: config.json, "
-                           f"weights and tokenizer files)")
+        if getattr(cfg.model, key):
+            require_checkpoint_dir(getattr(cfg.model, key), f"model.{key}")
     try:
         tokenizer = minalign.load_tokenizer(cfg.model.path)
     except (OSError, ValueError) as e:
@@ -525,6 +524,13 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     except ValueError as e:
         raise CliError(f"model.template {cfg.model.template!r} does not fit the tokenizer of {cfg.model.path}: "
                        f"{e}") from None
+    try:
+        context = from_hf_config(Path(cfg.model.path) / "config.json").max_position_embeddings
+    except (OSError, ValueError) as e:
+        raise CliError(f"model.path {cfg.model.path}: {e}") from None
+    if cfg.data.max_length > context:  # found now, not in the first forward after the reference pass
+        raise CliError(f"data.max_length {cfg.data.max_length} exceeds the context of {context} tokens of "
+                       f"{cfg.model.path}: give data.max_length {context} or less")
     examples, stats = load_examples(cfg, tokenizer)
     settings = {**run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
     start, prev = 0, None
@@ -532,8 +538,9 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
         prev = json.loads((ckpt / "trainer_state.json").read_text())
         if prev["settings"] != settings:
             diffs = ["the data file" if k == "data_sha256" else k for k in changed_settings(prev["settings"], settings)]
+            start_from = run / "final" if (run / "final").is_dir() else ckpt  # either is an HF model dir
             why = (f" (train.steps {prev['settings']['train'].get('steps')} then: the learning-rate schedule is laid over "
-                   f"it; to train on, start a new run from {run / 'final'} with --model.path)"
+                   f"it; to train on, start a new run from {start_from} with --model.path)"
                    if "train.steps" in diffs else "")
             raise CliError(f"{ckpt} was written with other settings ({', '.join(diffs)}); resume with the same "
                            f"ones{why}")

@@ -296,6 +296,9 @@ reference = "{base}"
 reference_template = "raw"
 [select]
 keep_truncated = true
+[data]
+max_length = 256
+max_prompt_length = 128
 [train]
 batch_size = 1
 micro_batch_size = 1

@@ -327,6 +327,11 @@ def test_skip_invalid_reports_and_skips(model_dir, tmp_path, capsys):
     assert all(s.startswith(f"sample.py: skipped {prompts}:") for s in skipped), skipped
     assert [r["id"] for r in read_rows(out)] == [1, 3, 7]
     assert "sample.py: prompts 3, samples 3, tokens " in err and ", skipped 4 -> " in err, err
+    # every row skipped: an error, not an empty file
+    none = write_prompts(tmp_path / "none.jsonl", ["{broken", {"id": 4}])
+    code, err = run_main(args_for(model_dir, none, tmp_path / "none-out.jsonl", "--skip-invalid"), capsys)
+    assert code == 2 and err.splitlines()[-1] == f"sample.py: error: --prompts {none}: no usable prompt (2 skipped)", err
+    assert not list(tmp_path.glob("none-out.jsonl*"))
 
 
 def test_missing_paths(model_dir, reference, tmp_path, capsys):
@@ -347,12 +352,12 @@ def test_missing_paths(model_dir, reference, tmp_path, capsys):
     ({"num_samples": 0}, "--num-samples 0 is out of range"),
 ])
 def test_bad_flags(model_dir, reference, tmp_path, capsys, flags, phrase):
-    """argparse's way: a usage line, then the error; status 2."""
+    """One line naming the flag (no usage block above it), status 2."""
     prompts, _ = reference
     with pytest.raises(SystemExit) as info:
         sample.main(args_for(model_dir, prompts, tmp_path / "out.jsonl", **flags))
     err = capsys.readouterr().err
-    assert info.value.code == 2 and phrase in err, err
+    assert info.value.code == 2 and phrase in err and err.count("\n") == 1, err
 
 
 def test_command_line_bad_row(model_dir, tmp_path):

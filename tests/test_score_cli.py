@@ -290,7 +290,7 @@ def test_bad_flags(models, samples, tmp_path, capsys, change, phrase):
     with pytest.raises(SystemExit) as info:
         score.main(argv + list(change))
     err = capsys.readouterr().err
-    assert info.value.code == 2 and phrase in err, err
+    assert info.value.code == 2 and phrase in err and err.count("\n") == 1, err
 
 
 def test_command_line_bad_row(models, samples, tmp_path):

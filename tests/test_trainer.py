@@ -318,7 +318,8 @@ def test_command_line(model_dir, sft_data, tmp_path, capsys):
         "identical" not in start, start
     with pytest.raises(SystemExit) as e:
         train_cli.main(cli_args(model_dir, sft_data, tmp_path / "x", nonsense=1))
-    assert e.value.code == 2 and "unknown config key train.nonsense" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown config key train.nonsense" in err and err.count("\n") == 1, err
     assert load_config(str(ROOT / "configs" / "dpo_tiny.toml")).dpo.beta == 0.1
 
 
@@ -332,6 +333,11 @@ def test_configuration_mistakes_are_one_line_and_status_2(model_dir, sft_data, t
          f"weights and tokenizer files)"),
         (cli_args(model_dir, sft_data, tmp_path / "b") + ["--model.reference", str(nowhere)],
          f"train.py: error: model.reference {nowhere}: no such directory"),
+        (cli_args(model_dir, sft_data, tmp_path / "b") + ["--model.reference", str(sft_data)],
+         f"train.py: error: model.reference {sft_data}: not a directory"),
+        (cli_args(model_dir, sft_data, tmp_path / "b") + ["--data.max_length", "5000"],  # the tiny model has 1024
+         f"train.py: error: data.max_length 5000 exceeds the context of 1024 tokens of {model_dir}: give "
+         f"data.max_length 1024 or less"),
     ]:
         run = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV, capture_output=True, text=True)
         assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and run.stderr.startswith(line), run.stderr

@@ -49,7 +49,7 @@ PARTIAL_FORMAT = "minalign sample.py partial v1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line; argparse itself exits with status 2 and a usage line on a bad flag."""
+    """The command line; a bad flag exits with status 2 and one line (cli.parser)."""
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="HF checkpoint dir (config.json, safetensors, tokenizer files)")
     p.add_argument("--prompts", required=True, help='JSONL of {"id"?, "prompt"} or {"id"?, "messages"} rows')
@@ -163,8 +163,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     """Everything after argument parsing; raises CliError for problems the user can fix."""
     model_dir, prompts_path, out = Path(args.model), Path(args.prompts), Path(args.out)
     main_rank = distributed.is_main()  # messages every rank would print alike come from rank 0 only
-    if not model_dir.is_dir():
-        raise CliError(f"--model {model_dir}: no such directory (expected an HF checkpoint dir)")
+    cli.require_checkpoint_dir(model_dir, "--model")
     if not prompts_path.is_file():
         raise CliError(f"--prompts {prompts_path}: no such file")
     if not out.parent.is_dir():
@@ -172,9 +171,12 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     try:
         config = from_hf_config(model_dir / "config.json")
         tokenizer = minalign.load_tokenizer(model_dir)
-        stop_ids = stop_token_ids(tokenizer, args.template)
     except (OSError, ValueError) as e:
         raise CliError(str(e)) from None
+    try:
+        stop_ids = stop_token_ids(tokenizer, args.template)
+    except ValueError as e:
+        raise CliError(f"--template {args.template} does not fit the tokenizer of {model_dir}: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise CliError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                        f"{config.vocab_size}: they do not belong together")
@@ -183,6 +185,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     jobs, skipped = load_jobs(args, tokenizer, config.max_position_embeddings)
     for err in skipped if main_rank else ():
         print(f"sample.py: skipped {err}", file=sys.stderr)
+    if not jobs:
+        raise CliError(f"--prompts {prompts_path}: no usable prompt ({len(skipped)} skipped)")
     # Batches are cut from all prompts, longest first (little padding; an out-of-memory error comes at once),
     # and then dealt to the ranks whole. So a prompt is computed in the same batch whatever the number of
     # ranks, and a resumed run computes the very batches an uninterrupted one would: the output is the same

@@ -51,7 +51,7 @@ PARTIAL_FORMAT = "minalign score.py partial v1"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line; argparse itself exits with status 2 and a usage line on a bad flag."""
+    """The command line; a bad flag exits with status 2 and one line (cli.parser)."""
     p = cli.parser(__doc__)
     p.add_argument("--samples", required=True, help="sample.py's output JSONL")
     p.add_argument("--policy", required=True, help="HF checkpoint dir of the policy (Mixtral-8x7B-Instruct)")
@@ -188,8 +188,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     if not args.reference_free:
         models["reference"] = (args.reference, args.reference_template)
     for name, (d, _) in models.items():
-        if not Path(d).is_dir():
-            raise CliError(f"--{name} {d}: no such directory (expected an HF checkpoint dir)")
+        cli.require_checkpoint_dir(d, f"--{name}")
     if not samples.is_file():
         raise CliError(f"--samples {samples}: no such file")
     if not out.parent.is_dir():
