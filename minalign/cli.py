@@ -58,10 +58,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block above it), as every other mistake is; status 2."""
+    """argparse, but a bad flag is a CliError: one line (no usage block above it) and status 2 from `main`, as
+    every other mistake is; and the loop can check its stages' flags with the stages' own parsers."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        raise CliError(f"{message} (--help lists the flags)")
 
 
 def parser(doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -111,7 +112,7 @@ def add_common_flags(p: argparse.ArgumentParser, rows: str) -> None:
 
 
 def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace, in_range: dict[str, bool]) -> None:
-    """argparse's way (one line, status 2) for --device cuda without CUDA and for the first
+    """p.error (a CliError) for --device cuda without CUDA and for the first
     flag of in_range ({"--top-p": 0 < args.top_p <= 1, ...}) whose value is out of range."""
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
@@ -129,7 +130,11 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
     interrupted: the whole message after "interrupted; " instead (or a function of the args giving it), for a
     stage that keeps no partial file.
     """
-    args = parse_args(argv)  # argparse exits with status 2 itself
+    try:
+        args = parse_args(argv)  # --help prints and exits (0) in here
+    except CliError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     rank, world, device = distributed.init(args.device)
     where = f"[rank {rank}] " if world > 1 else ""
     try:
@@ -151,7 +156,12 @@ def _typed(section: str, name: str, default, value):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list and isinstance(value, (list, tuple)):
-        return [float(v) for v in value] if default and isinstance(default[0], float) else list(value)
+        want = type(default[0]) if default else None  # a list's items take the type of the default's
+        if want is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        if want is not None and not all(isinstance(v, want) and not isinstance(v, bool) for v in value):
+            raise CliError(f"{section}.{name}: expected a list of {want.__name__}s, got {value!r}")
+        return list(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise CliError(f"{section}.{name}: expected a {kind.__name__}, got {value!r}")
     return value

@@ -53,8 +53,8 @@ from minalign.selection import select_best, select_pairs
 from minalign.stages import sample as sample_stage
 from minalign.stages import score as score_stage
 from minalign.tokenizer import load_tokenizer
-from minalign.trainer import (DataSection, DPOSection, ModelSection, TrainConfig, TrainSection, check_config,
-                              latest_checkpoint, train)
+from minalign.trainer import (MAX_SEED, DataSection, DPOSection, ModelSection, TrainConfig, TrainSection,
+                              check_config, latest_checkpoint, open_policy, train)
 
 RECIPES = ("rejection-sampling", "iterative-dpo")
 
@@ -156,7 +156,10 @@ def load_loop_config(path: str | None, overrides: list[tuple[str, str]] = ()) ->
         f"loop.recipe must be one of {RECIPES}": lp.recipe not in RECIPES,
         "loop.out is required": not lp.out,
         "loop.rounds must be >= 1": lp.rounds < 1, "loop.patience must be >= 0": lp.patience < 0,
-        "loop.epochs and loop.warmup_ratio must be >= 0": min(lp.epochs, lp.warmup_ratio) < 0,
+        "loop.epochs and loop.warmup_ratio must be finite and >= 0": not (0 <= lp.epochs < math.inf and
+                                                                           0 <= lp.warmup_ratio < math.inf),
+        f"loop.seed must be in [0, {MAX_SEED})": not 0 <= lp.seed < MAX_SEED,
+        "train.batch_size must be >= 1": cfg.train.batch_size < 1,
         "loop.dpo_reference must be previous or initial": lp.dpo_reference not in ("previous", "initial"),
         "policy.path is required": not cfg.policy.path,
         f"policy.template must be one of {sorted(TEMPLATES)}": cfg.policy.template not in TEMPLATES,
@@ -403,6 +406,7 @@ class Loop:
                 raise CliError(f"{run} holds a loop run with other settings ({', '.join(diffs)}): restart it with "
                                f"the same ones (only {free} may change), or choose another loop.out")
             self.log(f"resuming the run in {run}")
+        self.check_stages()
         if cfg.reward.kind == "python":
             self.reward_source()  # imports it: a wrong name fails now, not after the first sampling
         if cfg.eval.metric:
@@ -479,27 +483,56 @@ class Loop:
             self.log(f"round {k} · {name}: {time.perf_counter() - began:.1f} s -> {artifact}")
         self.after_stage(k, name)
 
-    def _sample(self, k: int, prompts: Path, out: Path, n: int, temperature: float, seed: int) -> None:
+    def _sample_argv(self, k: int, prompts: Path, out: Path, n: int, temperature: float, seed: int) -> list[str]:
         cfg, s = self.cfg, self.cfg.sample
         argv = ["--model", str(self.policy(k)), "--prompts", str(prompts), "--out", str(out),
                 "--template", cfg.policy.template, "-n", str(n), "--max-new-tokens", str(s.max_new_tokens),
                 "--temperature", str(temperature), "--top-k", str(s.top_k), "--top-p", str(s.top_p),
                 "--seed", str(seed), "--batch-size", str(s.batch_size), "--device", self.device.type, "--resume"]
-        if cfg.policy.system:
-            argv += ["--system", cfg.policy.system]
-        self._run_stage(sample_stage, argv)
+        return argv + (["--system", cfg.policy.system] if cfg.policy.system else [])
+
+    def _score_argv(self, samples: Path, out: Path) -> list[str]:
+        r = self.cfg.reward
+        argv = ["--samples", str(samples), "--out", str(out), "--policy", r.policy,
+                "--policy-template", r.policy_template, "--normalize", r.normalize, "--beta", str(r.beta),
+                "--batch-tokens", str(r.batch_tokens), "--device", self.device.type, "--resume"]
+        argv += ["--reference", r.reference, "--reference-template", r.reference_template] if r.reference \
+            else ["--reference-free"]
+        argv += ["--sampler-end-ids", *map(str, r.sampler_end_ids)] if r.sampler_end_ids else []
+        return argv + (["--fsdp"] if r.fsdp else [])
+
+    @property
+    def eval_temperature(self) -> float:
+        e = self.cfg.eval
+        return e.temperature if e.temperature >= 0 else self.cfg.sample.temperature
+
+    def check_stages(self) -> None:
+        """Every setting the sample, score and train stages will read, checked now by the stages' own rules (their
+        parsers, score.py's opening of the reward models, the trainer's of the policy), so a mistake is found
+        before any work."""
+        cfg, run = self.cfg, self.run_dir
+        checks = [("sample", lambda: sample_stage.parse_args(self._sample_argv(
+                      0, run / "prompts.jsonl", run / "samples.jsonl", cfg.sample.n, cfg.sample.temperature, 0))),
+                  ("eval sample", lambda: sample_stage.parse_args(self._sample_argv(
+                      0, run / "prompts.jsonl", run / "samples.jsonl", cfg.eval.n, self.eval_temperature, 0)))]
+        if cfg.reward.kind == "log-ratio":
+            checks.append(("score", lambda: score_stage.open_scorers(score_stage.parse_args(
+                self._score_argv(run / "samples.jsonl", run / "scores.jsonl")))))
+        checks.append(("train", lambda: open_policy(round_train_config(cfg, 0, Path(cfg.policy.path),
+                                                                       run / "train.jsonl", 1))))
+        for name, check in checks:
+            try:
+                check()
+            except CliError as e:
+                raise CliError(f"the {name} stage refuses these settings: {e}") from None
+
+    def _sample(self, k: int, prompts: Path, out: Path, n: int, temperature: float, seed: int) -> None:
+        self._run_stage(sample_stage, self._sample_argv(k, prompts, out, n, temperature, seed))
 
     def _score(self, samples: Path, out: Path) -> None:
         r = self.cfg.reward
         if r.kind == "log-ratio":  # score.py itself: resumable per forward, torchrun, FSDP for big reward models
-            argv = ["--samples", str(samples), "--out", str(out), "--policy", r.policy,
-                    "--policy-template", r.policy_template, "--normalize", r.normalize, "--beta", str(r.beta),
-                    "--batch-tokens", str(r.batch_tokens), "--device", self.device.type, "--resume"]
-            argv += ["--reference", r.reference, "--reference-template", r.reference_template] if r.reference \
-                else ["--reference-free"]
-            argv += ["--sampler-end-ids", *map(str, r.sampler_end_ids)] if r.sampler_end_ids else []
-            argv += ["--fsdp"] if r.fsdp else []
-            self._run_stage(score_stage, argv)
+            self._run_stage(score_stage, self._score_argv(samples, out))
         else:  # a ranker or a user's function: on rank 0, on every row at once
             def score() -> None:
                 rows = [row for _, row in read_jsonl(samples)]
@@ -566,9 +599,9 @@ class Loop:
             k, d / "prompts.jsonl", d / "samples.jsonl", cfg.sample.n, cfg.sample.temperature, seed))
         self._stage(k, "score", d / "scores.jsonl", lambda: self._score(d / "samples.jsonl", d / "scores.jsonl"))
         if self.has_eval:
-            temp = cfg.eval.temperature if cfg.eval.temperature >= 0 else cfg.sample.temperature
             self._stage(k, "eval sample", d / "eval_samples.jsonl", lambda: self._sample(
-                k, self.run_dir / "eval_prompts.jsonl", d / "eval_samples.jsonl", cfg.eval.n, temp, seed + 500))
+                k, self.run_dir / "eval_prompts.jsonl", d / "eval_samples.jsonl", cfg.eval.n, self.eval_temperature,
+                seed + 500))
             self._stage(k, "eval score", d / "eval_scores.jsonl", lambda: self._score(
                 d / "eval_samples.jsonl", d / "eval_scores.jsonl"))
 

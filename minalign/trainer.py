@@ -53,6 +53,7 @@ from minalign.progress import Progress
 from minalign.rewards import release_memory
 
 GROUP_BATCHES = 16  # batches sorted by length together: less padding, still a shuffled order
+MAX_SEED = 2**31  # seeds are mixed with steps and epochs (seed · 1_000_003 + ...) and must stay within int64
 REF_FORMAT = "minalign reference log-probs v1"
 
 
@@ -128,24 +129,33 @@ def load_config(path: str | None, overrides: list[tuple[str, str]] = ()) -> Trai
 def check_config(cfg: TrainConfig) -> None:
     """CliError for a value out of range or a required path left empty."""
     t, d = cfg.train, cfg.data
-    problems = {"train.mode must be sft or dpo": t.mode not in ("sft", "dpo"),
-                "model.path is required": not cfg.model.path, "data.path is required": not d.path,
-                "train.out is required": not t.out,
-                f"model.template must be one of {sorted(TEMPLATES)}": cfg.model.template not in TEMPLATES,
-                "train.parallel must be ddp or fsdp": t.parallel not in ("ddp", "fsdp"),
-                "train.device must be cpu, cuda or empty": t.device not in ("", "cpu", "cuda"),
-                "train.steps, batch_size, micro_batch_size, log_every must be >= 1":
-                    min(t.steps, t.batch_size, t.micro_batch_size, t.log_every) < 1,
-                "train.lr must be > 0": not t.lr > 0, "train.warmup_steps must be >= 0": t.warmup_steps < 0,
-                "train.min_lr_ratio must be in [0, 1]": not 0 <= t.min_lr_ratio <= 1,
-                "train.adam_betas must be two numbers in [0, 1)": len(t.adam_betas) != 2 or
-                    not all(0 <= b < 1 for b in t.adam_betas),
-                "train.grad_clip, save_every, stop_after must be >= 0": min(t.grad_clip, t.save_every, t.stop_after) < 0,
-                "train.keep_checkpoints must be >= 1": t.keep_checkpoints < 1,
-                "data.max_prompt_length must be >= 1 and < data.max_length": not 1 <= d.max_prompt_length < d.max_length,
-                f"dpo.loss_type must be one of {LOSS_TYPES}": cfg.dpo.loss_type not in LOSS_TYPES,
-                "dpo.beta must be > 0": not cfg.dpo.beta > 0,
-                "dpo.label_smoothing must be in [0, 0.5)": not 0 <= cfg.dpo.label_smoothing < 0.5}
+    floats = {"train.lr": t.lr, "train.min_lr_ratio": t.min_lr_ratio, "train.weight_decay": t.weight_decay,
+              "train.adam_eps": t.adam_eps, "train.grad_clip": t.grad_clip, "dpo.beta": cfg.dpo.beta,
+              "dpo.label_smoothing": cfg.dpo.label_smoothing}
+    problems = {
+        f"{', '.join(k for k, v in floats.items() if not math.isfinite(v))} must be finite":
+            not all(map(math.isfinite, floats.values())),
+        "train.mode must be sft or dpo": t.mode not in ("sft", "dpo"),
+        "model.path is required": not cfg.model.path, "data.path is required": not d.path,
+        "train.out is required": not t.out,
+        f"model.template must be one of {sorted(TEMPLATES)}": cfg.model.template not in TEMPLATES,
+        "train.parallel must be ddp or fsdp": t.parallel not in ("ddp", "fsdp"),
+        "train.device must be cpu, cuda or empty": t.device not in ("", "cpu", "cuda"),
+        "train.device cuda: torch sees no CUDA device": t.device == "cuda" and not torch.cuda.is_available(),
+        "train.steps, batch_size, micro_batch_size, log_every must be >= 1":
+            min(t.steps, t.batch_size, t.micro_batch_size, t.log_every) < 1,
+        f"train.seed must be in [0, {MAX_SEED})": not 0 <= t.seed < MAX_SEED,
+        "train.lr must be > 0": not t.lr > 0, "train.warmup_steps must be >= 0": t.warmup_steps < 0,
+        "train.min_lr_ratio must be in [0, 1]": not 0 <= t.min_lr_ratio <= 1,
+        "train.weight_decay must be >= 0": not t.weight_decay >= 0, "train.adam_eps must be > 0": not t.adam_eps > 0,
+        "train.adam_betas must be two numbers in [0, 1)": len(t.adam_betas) != 2 or
+            not all(0 <= b < 1 for b in t.adam_betas),
+        "train.grad_clip, save_every, stop_after must be >= 0": min(t.grad_clip, t.save_every, t.stop_after) < 0,
+        "train.keep_checkpoints must be >= 1": t.keep_checkpoints < 1,
+        "data.max_prompt_length must be >= 1 and < data.max_length": not 1 <= d.max_prompt_length < d.max_length,
+        f"dpo.loss_type must be one of {LOSS_TYPES}": cfg.dpo.loss_type not in LOSS_TYPES,
+        "dpo.beta must be > 0": not cfg.dpo.beta > 0,
+        "dpo.label_smoothing must be in [0, 0.5)": not 0 <= cfg.dpo.label_smoothing < 0.5}
     bad = [msg for msg, wrong in problems.items() if wrong]
     if bad:
         raise CliError("; ".join(bad))
@@ -474,6 +484,29 @@ class TrainingError(CliError):
     """Training cannot go on (a non-finite loss): nothing of the failed step is saved."""
 
 
+def open_policy(cfg: TrainConfig):
+    """The policy's tokenizer, after checking the model dirs, that the template fits the tokenizer and that
+    data.max_length fits the model's context (CliError naming the key) — found before any work, not in the first
+    forward after the reference pass."""
+    for key in ("path", "reference"):
+        if getattr(cfg.model, key):
+            require_checkpoint_dir(getattr(cfg.model, key), f"model.{key}")
+    try:
+        tokenizer = minalign.load_tokenizer(cfg.model.path)
+        context = from_hf_config(Path(cfg.model.path) / "config.json").max_position_embeddings
+    except (OSError, ValueError) as e:
+        raise CliError(f"model.path {cfg.model.path}: {e}") from None
+    try:
+        end_token_id(tokenizer, cfg.model.template)  # renders a reply: the template's tokens must exist
+    except ValueError as e:
+        raise CliError(f"model.template {cfg.model.template!r} does not fit the tokenizer of {cfg.model.path}: "
+                       f"{e}") from None
+    if cfg.data.max_length > context:
+        raise CliError(f"data.max_length {cfg.data.max_length} exceeds the context of {context} tokens of "
+                       f"{cfg.model.path}: give data.max_length {context} or less")
+    return tokenizer
+
+
 def _micro_batches(batch: list[int], m: int, world: int, rank: int) -> list[list[int]]:
     """This rank's micro-batches of a global batch (sorted by length): contiguous runs of m rows, dealt out."""
     runs = [batch[i:i + m] for i in range(0, len(batch), m)]
@@ -512,25 +545,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     if ckpt is not None and not t.resume:
         raise CliError(f"{run} holds a run already ({ckpt}); set train.resume = true (--train.resume true) to "
                        f"continue it, or choose another train.out")
-    for key in ("path", "reference"):
-        if getattr(cfg.model, key):
-            require_checkpoint_dir(getattr(cfg.model, key), f"model.{key}")
-    try:
-        tokenizer = minalign.load_tokenizer(cfg.model.path)
-    except (OSError, ValueError) as e:
-        raise CliError(f"model.path {cfg.model.path}: {e}") from None
-    try:
-        end_token_id(tokenizer, cfg.model.template)  # renders a reply: the template's tokens must exist
-    except ValueError as e:
-        raise CliError(f"model.template {cfg.model.template!r} does not fit the tokenizer of {cfg.model.path}: "
-                       f"{e}") from None
-    try:
-        context = from_hf_config(Path(cfg.model.path) / "config.json").max_position_embeddings
-    except (OSError, ValueError) as e:
-        raise CliError(f"model.path {cfg.model.path}: {e}") from None
-    if cfg.data.max_length > context:  # found now, not in the first forward after the reference pass
-        raise CliError(f"data.max_length {cfg.data.max_length} exceeds the context of {context} tokens of "
-                       f"{cfg.model.path}: give data.max_length {context} or less")
+    tokenizer = open_policy(cfg)
     examples, stats = load_examples(cfg, tokenizer)
     settings = {**run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
     start, prev = 0, None

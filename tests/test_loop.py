@@ -309,9 +309,8 @@ micro_batch_size = 1
     err = capsys.readouterr().err
     assert "python sample.py --model" in err and "python score.py --samples" in err  # the stages, as commands
     assert "batch reward" in err
-    with pytest.raises(SystemExit):
-        train_cli.main(["--config", str(Path(__file__).parent.parent / "configs" / "sft_tiny.toml"),
-                        "--recipe", "iterative-dpo"])
+    assert train_cli.main(["--config", str(Path(__file__).parent.parent / "configs" / "sft_tiny.toml"),
+                           "--recipe", "iterative-dpo"]) == 2
     assert "has no [loop] table" in capsys.readouterr().err
 
 
@@ -362,3 +361,30 @@ def test_prompts_are_checked_before_any_work(models, tmp_path):
     with pytest.raises(CliError, match="eval.metric: .* cannot import 'nowhere'"):
         run_loop(config(models, tmp_path / "r", **{"eval.metric": "nowhere:f"}))
     assert not (tmp_path / "r" / "loop.json").exists()
+
+
+@pytest.mark.parametrize("key, value, phrase", [
+    ("reward.policy", "/nowhere/at/all", "--policy /nowhere/at/all: no such directory"),
+    ("reward.beta", "nan", "--beta nan is out of range"),
+    ("sample.temperature", "nan", "--temperature nan is out of range"),
+    ("sample.top_k", "-1", "--top-k -1 is out of range"),
+    ("reward.sampler_end_ids", "[-1]", "--sampler-end-ids [-1] is out of range"),
+    ("reward.batch_tokens", "0", "--batch-tokens 0 is out of range"),
+    ("train.lr", "inf", "train.lr must be finite"),
+    ("train.batch_size", "0", "train.batch_size must be >= 1"),
+    ("train.adam_eps", "-1.0", "train.adam_eps must be > 0"),
+    ("train.adam_betas", '["a", "b"]', "train.adam_betas: expected a list of floats"),
+    ("train.seed", str(2**63), "train.seed must be in [0, 2147483648)"),
+    ("loop.epochs", "nan", "loop.epochs and loop.warmup_ratio must be finite"),
+    ("data.max_length", "5000", "data.max_length 5000 exceeds the context of 256 tokens"),
+])
+def test_every_setting_is_checked_before_any_work(models, tmp_path, key, value, phrase):
+    """Each of these used to pass the start-up checks, write loop.json and fail hours later (after round 0's
+    sampling, on a 7B run), when the fix was then refused as "other settings"."""
+    out = tmp_path / "run"
+    over = {k: _toml(v) for k, v in tiny_settings(models, out).items()}
+    over[key] = value
+    with pytest.raises(CliError) as e:
+        run_loop(load_loop_config(None, list(over.items())))
+    assert phrase in str(e.value), str(e.value)
+    assert not (out / "loop.json").exists() and not (out / "round_0").exists()

@@ -88,6 +88,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def model_dirs(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """{"policy": (dir, template), "reference": (dir, template)} (no reference with --reference-free)."""
+    models = {"policy": (args.policy, args.policy_template)}
+    if not args.reference_free:
+        models["reference"] = (args.reference, args.reference_template)
+    return models
+
+
+def open_scorers(args: argparse.Namespace) -> dict[str, Scorer]:
+    """The models' dirs, configs, tokenizers and templates checked (CliError naming the flag or dir), not loaded."""
+    models = model_dirs(args)
+    for name, (d, _) in models.items():
+        cli.require_checkpoint_dir(d, f"--{name}")
+    try:
+        scorers = {name: Scorer.open(d, template) for name, (d, template) in models.items()}
+        if "reference" in scorers:
+            check_same_tokenizer(scorers["policy"].tokenizer, args.policy, scorers["reference"].tokenizer,
+                                 args.reference)
+    except (OSError, ValueError) as e:
+        raise CliError(str(e)) from None
+    return scorers
+
+
 @dataclass
 class Job:
     """One samples row to score: its line in the samples file, the row, and per model its sequences."""
@@ -184,24 +207,13 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     """Everything after argument parsing; raises CliError for problems the user can fix."""
     samples, out = Path(args.samples), Path(args.out)
     main_rank = distributed.is_main()  # messages every rank would print alike come from rank 0 only
-    models = {"policy": (args.policy, args.policy_template)}
-    if not args.reference_free:
-        models["reference"] = (args.reference, args.reference_template)
-    for name, (d, _) in models.items():
-        cli.require_checkpoint_dir(d, f"--{name}")
+    models, scorers = model_dirs(args), open_scorers(args)
     if not samples.is_file():
         raise CliError(f"--samples {samples}: no such file")
     if not out.parent.is_dir():
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
     if args.fsdp and world == 1:
         raise CliError("--fsdp shards each model over torchrun's processes: run it under torchrun, 2 or more")
-    try:
-        scorers = {name: Scorer.open(d, template) for name, (d, template) in models.items()}
-        if "reference" in scorers:
-            check_same_tokenizer(scorers["policy"].tokenizer, args.policy, scorers["reference"].tokenizer,
-                                 args.reference)
-    except (OSError, ValueError) as e:
-        raise CliError(str(e)) from None
     passes = list(scorers)
 
     # Every rank reads and validates every row, so all agree on the rows, the forwards and which rows were skipped.
