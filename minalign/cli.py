@@ -10,7 +10,9 @@ atomic write and removes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import inspect
 import json
 import os
@@ -106,7 +108,9 @@ def add_common_flags(p: argparse.ArgumentParser, rows: str) -> None:
                    help="weights' dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available; under torchrun each rank takes cuda:LOCAL_RANK")
-    p.add_argument("--resume", action="store_true", help="continue from <out>.partial if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>.partial if it exists (a finished --out: nothing to do)")
+    p.add_argument("--overwrite", action="store_true", help="redo a finished --out (it is replaced when done)")
     p.add_argument("--skip-invalid", action="store_true",
                    help=f"report bad {rows} rows on stderr and skip them instead of stopping")
 
@@ -140,6 +144,9 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
     try:
         return run(args, rank, world, device)
     except (CliError, DataError) as e:
+        print(f"{prog}: {where}error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only dir: what was finished is kept (partial files, checkpoints)
         print(f"{prog}: {where}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -217,6 +224,94 @@ def changed_settings(then: dict, now: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}")
     return out
+
+
+def output_done(args: argparse.Namespace, prog: str, **inputs: Path) -> bool:
+    """Check --out before any work: not one of the inputs, not a directory, its directory there. True when a
+    finished --out is to be kept (--resume: said on stderr); a finished one without --resume or --overwrite is
+    refused, so nothing finished is lost by a rerun."""
+    out = Path(args.out)
+    for flag, path in inputs.items():
+        if path.exists() and out.exists() and os.path.samefile(path, out) or out.resolve() == path.resolve():
+            raise CliError(f"--out {out} is the --{flag} file: it would be overwritten; choose another --out")
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; give a file path")
+    if not out.parent.is_dir():
+        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    if out.exists() and not args.overwrite:
+        if args.resume:
+            if distributed.is_main():
+                print(f"{prog}: {out} is complete already; nothing to do (--overwrite redoes it)", file=sys.stderr)
+            return True
+        raise CliError(f"--out {out} exists (a finished run); --overwrite redoes it, or choose another --out")
+    return False
+
+
+def on_main(fn: Callable[[], None]) -> None:
+    """fn() on rank 0 alone, the other ranks waiting; an error there is raised on every rank, so none is left
+    waiting for a rank that has left."""
+    error = None
+    if distributed.is_main():
+        try:
+            fn()
+        except (CliError, ValueError) as e:  # DataError is a ValueError
+            error = e
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        message = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            raise CliError(message[0])
+    if error is not None:
+        raise error
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, name: str, *, make_parent: bool = False):
+    """Own path (an output file or a run dir) while the block runs: a second run into it is refused at once, naming
+    path and the pid that holds it. Under torchrun rank 0 holds it for the job, so a second job is refused.
+
+    The lock is flock(2) on <path>.lock, beside path: the OS releases it when the process dies, so a kill -9
+    leaves no stale lock (only a lock file, which the next run takes over). On release the file is unlinked
+    while still locked, and a taker checks that the file it locked is still the one at that name.
+    name: the flag or key that chose path ("--out", "train.out"), for the message. make_parent: create path's
+    parent first (a run dir's parent, e.g. runs/); otherwise a missing parent is left for the stage to report.
+    """
+    lock = path.with_name(path.name + ".lock")
+    held: list[int] = []
+
+    def take() -> None:
+        if make_parent:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        elif not lock.parent.is_dir():
+            return
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CliError(f"{name} {path} is in use by another run (pid {pid}, holding {lock}): one run owns "
+                               f"its outputs; wait for it to end, or choose another {name}") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not unlinked by its last holder meanwhile
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        held.append(fd)
+
+    on_main(take)
+    try:
+        yield
+    finally:
+        for fd in held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            os.close(fd)
 
 
 def partial_path(out: Path, rank: int, world: int) -> Path:

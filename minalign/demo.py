@@ -67,7 +67,7 @@ import sentencepiece as spm
 import torch
 
 import minalign
-from minalign.cli import CliError, changed_settings
+from minalign.cli import CliError, changed_settings, run_lock
 from minalign.data import atomic_write, file_sha256, read_jsonl, write_jsonl
 from minalign.trainer import (DataSection, ModelSection, TrainConfig, TrainSection, run_settings, check_config,
                               latest_checkpoint, train)
@@ -304,6 +304,12 @@ def _settings(d: DemoSection) -> dict:
 
 
 def build(d: DemoSection, log=print) -> dict[str, Path]:
+    """_build (below), owning d.out meanwhile (cli.run_lock): two runs sharing a setup never build it at once."""
+    with run_lock(Path(d.out), "demo.out", make_parent=True):
+        return _build(d, log)
+
+
+def _build(d: DemoSection, log=print) -> dict[str, Path]:
     """Build the demo's task, tokenizer and two models into d.out; return their paths:
     {"base": dir, "teacher": dir, "prompts": file, "eval": file}. Resumable: each artifact is skipped when it
     already exists; every artifact is written atomically (temp file/dir + os.replace), so a kill leaves no

@@ -45,7 +45,7 @@ import torch
 from minalign import distributed
 from minalign.chat import TEMPLATES, render_prompt
 from minalign.config import from_hf_config
-from minalign.cli import CliError, changed_settings, read_settings
+from minalign.cli import CliError, changed_settings, on_main, read_settings, run_lock
 from minalign.data import DataError, as_messages, atomic_write, prompt_of, read_jsonl, write_jsonl
 from minalign.demo import DemoSection
 from minalign.rewards import NORMALIZE, REWARD_KINDS, call_source, load_function, reward_source, score_rows
@@ -426,7 +426,7 @@ class Loop:
                 atomic_write(saved, json.dumps({"settings": settings}, indent=1) + "\n")
             write_jsonl(run / "eval_prompts.jsonl", held)  # first: pool.jsonl marks both written
             write_jsonl(run / "pool.jsonl", pool)
-        self.on_main(prepare)
+        on_main(prepare)
         self.pool = [row for _, row in read_jsonl(run / "pool.jsonl")]
         self.has_eval = next(read_jsonl(run / "eval_prompts.jsonl"), None) is not None
 
@@ -451,23 +451,6 @@ class Loop:
     def policy(self, k: int) -> Path:
         """π_k: the starting policy, or the model round k−1 trained."""
         return Path(self.cfg.policy.path) if k == 0 else self.run_dir / f"round_{k - 1}" / "train" / "final"
-
-    def on_main(self, fn: Callable[[], None]) -> None:
-        """fn() on rank 0 alone, the other ranks waiting; an error there is raised on every rank, so none is left
-        waiting for a rank that has left."""
-        error = None
-        if self.main:
-            try:
-                fn()
-            except (CliError, ValueError) as e:  # DataError is a ValueError
-                error = e
-        if self.world > 1:
-            message = [None if error is None else str(error)]
-            torch.distributed.broadcast_object_list(message, src=0)
-            if message[0] is not None and error is None:
-                raise CliError(message[0])
-        if error is not None:
-            raise error
 
     def _stage(self, k: int, name: str, artifact: Path, make: Callable[[], None]) -> None:
         """Run make() unless artifact exists; then report the stage done."""
@@ -542,7 +525,7 @@ class Loop:
                 except ValueError as e:
                     raise CliError(str(e)) from None
                 write_jsonl(out, rows)
-            self.on_main(score)
+            on_main(score)
 
     def reward_source(self):
         """The [reward] source for kinds other than log-ratio (which runs as score.py); a Python function is
@@ -592,7 +575,7 @@ class Loop:
             d.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         seed = cfg.loop.seed * 1000 + k
-        self._stage(k, "prompts", d / "prompts.jsonl", lambda: self.on_main(lambda: write_jsonl(
+        self._stage(k, "prompts", d / "prompts.jsonl", lambda: on_main(lambda: write_jsonl(
             d / "prompts.jsonl", draw_prompts(self.pool, cfg.prompts.per_round, cfg.prompts.by_source,
                                               cfg.loop.seed, k))))
         self._stage(k, "sample", d / "samples.jsonl", lambda: self._sample(
@@ -611,7 +594,7 @@ class Loop:
             m = round_metrics(k, scores, evals, self._metric(evals) if evals else None)
             m["policy"] = str(self.policy(k))
             atomic_write(d / "metrics.json", json.dumps(m, indent=1) + "\n")
-        self._stage(k, "metrics", d / "metrics.json", lambda: self.on_main(metrics))
+        self._stage(k, "metrics", d / "metrics.json", lambda: on_main(metrics))
         return json.loads((d / "metrics.json").read_text())
 
     def improve(self, k: int) -> dict:
@@ -630,7 +613,7 @@ class Loop:
                                f"all samples empty, truncated or tied? (raise sample.max_new_tokens)")
             atomic_write(d / "selection.json", json.dumps(stats) + "\n")
             write_jsonl(d / "train.jsonl", rows)  # last: its existence marks the stage done
-        self._stage(k, "select", d / "train.jsonl", lambda: self.on_main(select))
+        self._stage(k, "select", d / "train.jsonl", lambda: on_main(select))
 
         def train_round() -> None:
             rows = sum(1 for _ in read_jsonl(d / "train.jsonl"))
@@ -709,5 +692,6 @@ class Loop:
 
 def run_loop(cfg: LoopConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
              after_stage: Callable[[int, str], None] | None = None) -> dict:
-    """Run (or resume) the loop cfg describes; returns the summary."""
-    return Loop(cfg, rank, world, device, after_stage).run()
+    """Run (or resume) the loop cfg describes, owning its run dir meanwhile (cli.run_lock); returns the summary."""
+    with run_lock(cfg.run_dir, "loop.out", make_parent=True):
+        return Loop(cfg, rank, world, device, after_stage).run()

@@ -45,7 +45,8 @@ from minalign import distributed
 from minalign.chat import TEMPLATES, end_token_id, render_conversation, render_prompt
 from minalign.checkpoint import CheckpointError
 from minalign.config import from_hf_config
-from minalign.cli import BadRows, CliError, changed_settings, read_settings, require_checkpoint_dir
+from minalign.cli import (BadRows, CliError, changed_settings, cut_torn_line, read_settings, require_checkpoint_dir,
+                          run_lock)
 from minalign.data import DataError, as_messages, atomic_write, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import LOSS_TYPES, dpo_loss, dpo_metrics, sft_loss
@@ -525,7 +526,13 @@ def run_settings(cfg: TrainConfig, world: int) -> dict:
 
 
 def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> dict:
-    """Run (or resume) the training cfg describes; return a summary {"step", "final", "losses", ...}."""
+    """Run (or resume) the training cfg describes, owning train.out meanwhile (cli.run_lock); return a summary
+    {"step", "final", "losses", ...}."""
+    with run_lock(Path(cfg.train.out), "train.out", make_parent=True):
+        return _train(cfg, rank, world, device)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device | None) -> dict:
     device = device or torch.device("cpu")
     t = cfg.train
     run = Path(t.out)
@@ -601,6 +608,7 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
     if main and ckpt is not None:  # metrics of steps after the checkpoint were lost with the run that made them
         metrics = run / "metrics.jsonl"
         if metrics.is_file():
+            cut_torn_line(metrics)  # a record torn by a full disk or a power loss, as the partial files get
             kept = [json.dumps(r) + "\n" for _, r in read_jsonl(metrics) if r.get("step", 0) <= start]
             atomic_write(metrics, "".join(kept))
         print(f"train.py: resuming from {ckpt} at step {start}", file=sys.stderr)

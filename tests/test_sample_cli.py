@@ -480,3 +480,24 @@ def test_best_of_keeps_the_highest_reward(model_dir, reference, tmp_path, capsys
     assert len((tmp_path / "o3.jsonl.partial").read_text().splitlines()) > 1 and not (tmp_path / "o3.jsonl").exists()
     code, err = run_main(best_of("o3.jsonl", "--best-of", "3", "--reward", f"{fn}:vowels", "--resume"), capsys)
     assert code == 0 and (tmp_path / "o3.jsonl").read_bytes() == (tmp_path / "best.jsonl").read_bytes()
+
+
+def test_outputs_that_would_destroy_work_are_refused(model_dir, reference, tmp_path, capsys):
+    """--out that is the prompts file or a directory: refused before any work. A finished --out: refused, or with
+    --resume left as it is ("nothing to do"), or redone with --overwrite."""
+    prompts, want = reference
+    copy = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    before = copy.read_bytes()
+    for out, phrase in [(copy, f"--out {copy} is the --prompts file: it would be overwritten"),
+                        (tmp_path, f"--out {tmp_path} is a directory")]:
+        code, err = run_main(args_for(model_dir, copy, out), capsys)
+        assert code == 2 and phrase in err and err.count("\n") == 1, err
+    assert copy.read_bytes() == before
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"finished\n")
+    code, err = run_main(args_for(model_dir, prompts, out), capsys)
+    assert code == 2 and "exists (a finished run); --overwrite redoes it" in err, err
+    code, err = run_main(args_for(model_dir, prompts, out, "--resume"), capsys)
+    assert code == 0 and "is complete already; nothing to do" in err and out.read_bytes() == b"finished\n", err
+    assert run_main(args_for(model_dir, prompts, out, "--overwrite"), capsys)[0] == 0
+    assert_same_file(out.read_bytes(), want)

@@ -179,7 +179,7 @@ def test_resume_within_a_pass_with_a_torn_line(models, samples, reference_run, t
             assert r["reward"] == pytest.approx(2 * w["reward"], abs=1e-3)
 
     # Settings that change the sums are refused.
-    assert run_main(args_for(models, samples, out, policy_template="raw"), capsys)[0] == 0
+    assert run_main(args_for(models, samples, out, "--overwrite", policy_template="raw"), capsys)[0] == 0
     monkeypatch.setattr(score, "batch_logprobs", batch_logprobs)
     calls[0] = 0
     assert run_main(args_for(models, samples, tmp_path / "b.jsonl"), capsys)[0] == 130

@@ -192,6 +192,8 @@ def test_resume_continues_with_identical_losses(model_dir, dpo_data, tmp_path):
     with pytest.raises(CliError, match=r"\(train.steps\); resume with the same ones \(train.steps 4 then: the "
                                        r"learning-rate schedule is laid over it; to train on, start a new run from "):
         trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=8, warmup_steps=1, resume=True))
+    metrics = tmp_path / "b" / "metrics.jsonl"  # a record torn by a full disk or a power loss: cut, as partials are
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 3, "lo')
     rest = trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=4, warmup_steps=1, resume=True))
     assert first["losses"] + rest["losses"] == straight["losses"]
     assert_same_weights(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"), tol=0)

@@ -160,14 +160,20 @@ def finished_rows(entries, lines: set[int]) -> dict[int, dict]:
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
-    """Everything after argument parsing; raises CliError for problems the user can fix."""
+    """Everything after argument parsing, owning --out (cli.run_lock); raises CliError for problems the user can
+    fix."""
+    with cli.run_lock(Path(args.out), "--out"):
+        return _run(args, rank, world, device)
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     model_dir, prompts_path, out = Path(args.model), Path(args.prompts), Path(args.out)
     main_rank = distributed.is_main()  # messages every rank would print alike come from rank 0 only
     cli.require_checkpoint_dir(model_dir, "--model")
     if not prompts_path.is_file():
         raise CliError(f"--prompts {prompts_path}: no such file")
-    if not out.parent.is_dir():
-        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    if cli.output_done(args, "sample.py", prompts=prompts_path):
+        return 0
     try:
         config = from_hf_config(model_dir / "config.json")
         tokenizer = minalign.load_tokenizer(model_dir)

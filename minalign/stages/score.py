@@ -204,14 +204,20 @@ def score_pass(p: int, name: str, scorer: Scorer, jobs: list[Job], done: dict, f
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
-    """Everything after argument parsing; raises CliError for problems the user can fix."""
+    """Everything after argument parsing, owning --out (cli.run_lock); raises CliError for problems the user can
+    fix."""
+    with cli.run_lock(Path(args.out), "--out"):
+        return _run(args, rank, world, device)
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> int:
     samples, out = Path(args.samples), Path(args.out)
     main_rank = distributed.is_main()  # messages every rank would print alike come from rank 0 only
     models, scorers = model_dirs(args), open_scorers(args)
     if not samples.is_file():
         raise CliError(f"--samples {samples}: no such file")
-    if not out.parent.is_dir():
-        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    if cli.output_done(args, "score.py", samples=samples):
+        return 0
     if args.fsdp and world == 1:
         raise CliError("--fsdp shards each model over torchrun's processes: run it under torchrun, 2 or more")
     passes = list(scorers)
