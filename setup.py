@@ -23,6 +23,8 @@ setup(
     extras_require={
         # transformers is a test oracle only: the product never imports it.
         # triton: the kernel tests run it on the CPU under TRITON_INTERPRET=1.
-        "test": ["pytest", "transformers>=4.45", "protobuf", "triton; platform_system == 'Linux'"],
+        # mistral-common: the oracle of the mistral template's ids (it ships Mistral's v1 tokenizer.model).
+        "test": ["pytest", "transformers>=4.45", "protobuf", "triton; platform_system == 'Linux'",
+                 "mistral-common>=1.13"],
     },
 )

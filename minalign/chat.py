@@ -30,9 +30,21 @@ starting with the user. Templates (``TEMPLATES``):
 ``raw`` (base models): ``<s>`` + the contents concatenated, each reply followed by
 ``</s>`` (the base Mistral/Mixtral BOS/EOS).
 
+Control tokens typed into a message are text. A template is built from its own
+literals (``<s>``, ``<|user|>\\n``, ``[INST] ``, ``</s>``, ...) and the message contents;
+only the literals are parsed for added tokens, so ``</s>``, ``<s>``, ``[INST]``,
+``<|user|>``, ``<|assistant|>``, ``<|endoftext|>`` or any other added-token string inside a
+system, user or assistant content is encoded as its characters and can neither end a
+turn nor forge one. mistral-common does the same (it encodes every content with
+``sp.encode``; only the instruct tokenizer adds BOS/EOS). This holds for everything built
+on these functions: sampling and scoring prompts (``render_prompt``) and training
+examples (``render_conversation``; the DPO trainer's ``tokenizer.encode(reply)``, whose
+default is plain text).
+
 Tokenization rule. The rendered text is a sequence of segments and each segment is
-encoded on its own with ``Tokenizer.encode`` (added tokens atomic, plain runs with
-sentencepiece's dummy prefix). Every assistant reply is a segment by itself, so its
+encoded on its own with ``Tokenizer.encode_parts`` (the template's added tokens atomic,
+the plain text between them, contents included, one sentencepiece run with its dummy
+prefix). Every assistant reply is a segment by itself, so its
 ids are exactly ``tokenizer.encode(reply)``, whatever precedes it. This is how
 mistral-common tokenizes assistant turns (``encode_assistant_message`` encodes the
 content alone and appends EOS), and it makes a generation prompt an exact prefix of
@@ -40,8 +52,10 @@ the conversation that has the reply appended. It differs from tokenizing the who
 rendered string at once only at the start of each reply: there the reply's first
 word gets sentencepiece's "▁" even after ``[/INST]`` or ``<|assistant|>\\n``. (Mistral's
 own docs write that "▁" as the space in ``[/INST] Fine, and you?</s>``.)
-The segments' texts concatenate to ``render_text`` byte for byte. As in transformers,
-added-token strings inside message contents (e.g. ``<|user|>``) are encoded as those tokens.
+The segments' texts concatenate to ``render_text`` byte for byte; that string is for
+reading: tokenizing it with ``parse_special=True`` gives ``render_conversation``'s ids only
+when no content holds an added-token string (transformers' ``apply_chat_template``
+tokenizes such a string, contents' literals parsed, which is what this module avoids).
 """
 
 from __future__ import annotations
@@ -61,8 +75,19 @@ MERLINITE_SYSTEM_PROMPT = (
     "guidelines and promote positive behavior."
 )
 
-# A segment: (text, is_target). Targets are the assistant replies and their end token.
-Segment = tuple[str, bool]
+# A template's piece: (text, is_target, is_literal). Targets are the assistant replies and their end token;
+# literals are the template's own text, parsed for added tokens; the rest is message content, always plain text.
+Piece = tuple[str, bool, bool]
+# A segment: (parts for Tokenizer.encode_parts, i.e. [(text, parse_special)], is_target).
+Segment = tuple[list[tuple[str, bool]], bool]
+
+
+def _lit(text: str) -> Piece:
+    return (text, False, True)
+
+
+def _content(text: str) -> Piece:
+    return (text, False, False)
 
 
 def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
@@ -88,47 +113,51 @@ def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
     return system, turns
 
 
-def _merlinite(system: str | None, turns: list[dict], add_generation_prompt: bool) -> list[Segment]:
+def _reply(content: str, end: str) -> list[Piece]:
+    return [(content, True, False), (end, True, True)]
+
+
+def _merlinite(system: str | None, turns: list[dict], add_generation_prompt: bool) -> list[Piece]:
     system = MERLINITE_SYSTEM_PROMPT if system is None else system
-    out: list[Segment] = [(f"<s><|system|>\n{system}\n", False)]
+    out: list[Piece] = [_lit("<s><|system|>\n"), _content(system), _lit("\n")]
     for k, m in enumerate(turns):
         if m["role"] == "user":
             # ibm_generic_tmpl: "\n" after <|endoftext|> unless the assistant turn was the last message.
-            out.append((("\n" if k else "") + f"<|user|>\n{m['content']}\n", False))
+            out += [_lit(("\n" if k else "") + "<|user|>\n"), _content(m["content"]), _lit("\n")]
         else:
-            out += [("<|assistant|>\n", False), (m["content"], True), ("<|endoftext|>", True)]
+            out += [_lit("<|assistant|>\n"), *_reply(m["content"], "<|endoftext|>")]
     if add_generation_prompt:
-        out.append(("<|assistant|>\n", False))
+        out.append(_lit("<|assistant|>\n"))
     return out
 
 
-def _mistral(system: str | None, turns: list[dict], add_generation_prompt: bool) -> list[Segment]:
+def _mistral(system: str | None, turns: list[dict], add_generation_prompt: bool) -> list[Piece]:
     if system is not None and not turns:
         raise ValueError("mistral template: a system message needs a user message to be folded into")
-    out: list[Segment] = [("<s>", False)]
+    out: list[Piece] = [_lit("<s>")]
     for k, m in enumerate(turns):
         if m["role"] == "user":
-            content = f"{system}\n\n{m['content']}" if k == 0 and system else m["content"]
-            out.append((f"[INST] {content} [/INST]", False))
+            folded = [_content(system), _lit("\n\n")] if k == 0 and system else []
+            out += [_lit("[INST] "), *folded, _content(m["content"]), _lit(" [/INST]")]
         else:
-            out += [(m["content"], True), ("</s>", True)]
+            out += _reply(m["content"], "</s>")
     return out  # the prompt already ends with " [/INST]": nothing to add for generation
 
 
-def _raw(system: str | None, turns: list[dict], add_generation_prompt: bool) -> list[Segment]:
-    out: list[Segment] = [("<s>" + (system or ""), False)]
+def _raw(system: str | None, turns: list[dict], add_generation_prompt: bool) -> list[Piece]:
+    out: list[Piece] = [_lit("<s>"), _content(system or "")]
     for m in turns:
-        out += [(m["content"], False)] if m["role"] == "user" else [(m["content"], True), ("</s>", True)]
+        out += [_content(m["content"])] if m["role"] == "user" else _reply(m["content"], "</s>")
     return out
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A named template: the added tokens it needs and its segment builder."""
+    """A named template: the added tokens it needs and its builder (system, turns, add_generation_prompt) -> pieces."""
 
     name: str
     required_tokens: tuple[str, ...]
-    build: Callable[[str | None, list[dict], bool], list[Segment]]
+    build: Callable[[str | None, list[dict], bool], list[Piece]]
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -154,13 +183,14 @@ def _segments(template: str, messages: list[dict], add_generation_prompt: bool) 
     if add_generation_prompt and (not turns or turns[-1]["role"] != "user"):
         raise ValueError("a generation prompt needs a conversation that ends with a user message")
     merged: list[Segment] = []
-    for text, target in tmpl.build(system, turns, add_generation_prompt):
-        # Merged, all text between replies tokenizes as one string (as transformers would),
-        # so the only cuts are around replies, wherever a builder happened to split its pieces.
+    for text, target, literal in tmpl.build(system, turns, add_generation_prompt):
+        # Merged, all text between replies is one run of plain text between the template's added tokens (as
+        # transformers would tokenize it), so the only cuts are those tokens and the replies' edges, wherever a
+        # builder happened to split its pieces.
         if merged and not target and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
+            merged[-1][0].append((text, literal))
         else:
-            merged.append((text, target))
+            merged.append(([(text, literal)], target))
     return merged
 
 
@@ -171,8 +201,8 @@ def _encode(tokenizer: Tokenizer, template: str, segments: list[Segment]) -> tup
                          f"as added tokens (it has {sorted(tokenizer.added_tokens)})")
     ids: list[int] = []
     mask: list[bool] = []
-    for text, target in segments:
-        seg = tokenizer.encode(text)
+    for parts, target in segments:
+        seg = tokenizer.encode_parts(parts)
         ids += seg
         mask += [target] * len(seg)
     return ids, mask
@@ -180,7 +210,7 @@ def _encode(tokenizer: Tokenizer, template: str, segments: list[Segment]) -> tup
 
 def render_text(template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The exact rendered string of ``messages`` (plus the assistant header if ``add_generation_prompt``)."""
-    return "".join(text for text, _ in _segments(template, messages, add_generation_prompt))
+    return "".join(text for parts, _ in _segments(template, messages, add_generation_prompt) for text, _ in parts)
 
 
 def render_conversation(tokenizer: Tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[bool]]:

@@ -158,7 +158,9 @@ def _part(tok: Tokenizer, prefix: str, text: str, limit: int, cls: int, sep: int
     """[CLS] prefix text… [SEP], at most limit ids (the text is cut, [SEP] kept) — one DeBERTa sequence."""
     if limit < 3:
         raise ValueError(f"no room for a part of {limit} tokens (need [CLS], the prefix and [SEP])")
-    body = tok.encode(prefix + text.replace("[SEP]", " "))
+    # parse_special: as llm-blender's transformers tokenizer does, added tokens ([MASK]) in a text are tokens; the
+    # positions the head reads are where we put the prefixes, so a prefix string in a text cannot move them
+    body = tok.encode(prefix + text.replace("[SEP]", " "), parse_special=True)
     return [cls] + body[:limit - 2] + [sep]
 
 

@@ -16,13 +16,23 @@ contradictions (one content with two ids, one id with two contents, two differen
 EOS tokens), naming both files. Only the added-token parts of ``tokenizer.json``
 are read: plain text is always tokenized by sentencepiece itself.
 
-Encoding follows Hugging Face's ``legacy=True`` behaviour, which is also what
-mistral-common does: the text is split on added-token strings, each added token
-becomes its id, and each plain-text run between them is encoded by sentencepiece
-on its own, so every run gets sentencepiece's dummy-prefix space.
+Text is text. ``encode(text)`` is sentencepiece's encoding of the whole string: an
+added-token string typed into it (``"</s>"``, ``"<|user|>"``) is encoded as those
+characters, never as the control token, as mistral-common encodes message content
+(``SentencePieceTokenizer.encode`` is ``sp.encode``) and as transformers does with
+``split_special_tokens=True``. Control tokens come from whoever builds the sequence: the
+chat templates (``minalign.chat``) insert theirs by id, and a caller that means the
+literals of its own string as tokens asks for it with ``parse_special=True``.
+
+``parse_special=True`` follows Hugging Face's ``legacy=True`` behaviour (transformers'
+default, which parses added tokens in any text): the text is split on added-token
+strings, each added token becomes its id, and each plain-text run between them is
+encoded by sentencepiece on its own, so every run gets sentencepiece's dummy-prefix space.
 The sentencepiece pieces for BOS, EOS and UNK (``<s>``, ``</s>``, ``<unk>``) are
-always treated as added special tokens, as Hugging Face does, so ``"<s>"`` in a
-rendered chat template becomes the BOS id rather than the characters ``<``, ``s``, ``>``.
+always treated as added special tokens there, as Hugging Face does, so a parsed ``"<s>"``
+becomes the BOS id rather than the characters ``<``, ``s``, ``>``. ``encode_parts`` mixes the
+two in one sequence: a template's literals parsed, message contents not, plain text across
+the parts one sentencepiece run.
 
 The ``lstrip``/``rstrip``/``single_word``/``normalized`` flags of added tokens are
 ignored: Mistral and Merlinite set them all to false, which is what this module does.
@@ -160,19 +170,41 @@ class Tokenizer:
                              f"(vocab_size {self.vocab_size}, sentencepiece has {self.sp_size})")
 
     # ----------------------------------------------------------------- encode/decode
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of ``text``: added tokens atomic, each plain run via ``sp.encode`` alone (HF ``legacy=True``).
+    def encode(self, text: str, bos: bool = False, eos: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``, which is plain text: ``sp.encode(text)``, added-token strings in it included.
 
-        ``bos``/``eos`` add BOS/EOS unless the text already begins/ends with that token.
+        ``parse_special=True`` makes the added-token strings in ``text`` those tokens, each plain run between them
+        encoded by ``sp.encode`` alone (HF ``legacy=True``): only for text whose literals the caller wrote as
+        control tokens, never for user content. ``bos``/``eos`` add BOS/EOS unless the ids already begin/end with
+        that token.
         """
-        parts = self._split_re.split(text) if self._split_re else [text]
+        return self.encode_parts([(text, parse_special)], bos=bos, eos=eos)
+
+    def encode_parts(self, parts, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of the concatenated texts of ``parts``, pairs ``(text, parse_special)``.
+
+        Added-token strings are tokens only inside parts with ``parse_special`` true; all other text, across
+        part boundaries, is cut only at those tokens, each run encoded by ``sp.encode`` alone. So
+        ``encode_parts([(t, False)]) == encode(t)``, and a chat template's ``[("<|user|>\\n", True),
+        (content, False)]`` gives the ``<|user|>`` id, then ``sp.encode("\\n" + content)`` whatever the content holds.
+        ``bos``/``eos`` as for ``encode``.
+        """
         ids: list[int] = []
-        # re.split with one capture group alternates plain runs (even) and added tokens (odd).
-        for k, part in enumerate(parts):
-            if k % 2:
-                ids.append(self.added_tokens[part])
-            elif part:
-                ids.extend(self.sp.encode(part))
+        run: list[str] = []  # plain text waiting for sentencepiece
+        for text, parse_special in parts:
+            if not isinstance(text, str):
+                raise TypeError(f"expected text to encode as a str, got {type(text).__name__}")
+            pieces = self._split_re.split(text) if parse_special and self._split_re else [text]
+            # re.split with one capture group alternates plain runs (even) and added tokens (odd).
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    ids.extend(self.sp.encode("".join(run)) if any(run) else [])
+                    run = []
+                    ids.append(self.added_tokens[piece])
+                else:
+                    run.append(piece)
+        if any(run):
+            ids.extend(self.sp.encode("".join(run)))
         if bos:
             if self.bos_id is None:
                 raise ValueError("bos=True, but this tokenizer has no BOS token")

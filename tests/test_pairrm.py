@@ -111,9 +111,9 @@ def test_build_pair_layout_and_prefix_positions(tok):
     cfg = PairRMConfig(backbone=None)
     p = build_pair(tok, cfg, "hello world", "good answer", "bad")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    src = [cls] + tok.encode("<|source|>hello world") + [sep]
-    c1 = [cls] + tok.encode("<|candidate1|>good answer") + [sep]
-    c2 = [cls] + tok.encode("<|candidate2|>bad") + [sep]
+    src = [cls] + tok.encode("<|source|>hello world", parse_special=True) + [sep]
+    c1 = [cls] + tok.encode("<|candidate1|>good answer", parse_special=True) + [sep]
+    c2 = [cls] + tok.encode("<|candidate2|>bad", parse_special=True) + [sep]
     assert p.ids == src + c1 + c2
     assert [p.ids[i] for i in p.positions] == [tok.added_tokens[t] for t in PREFIX_TOKENS[:3]]
     assert tok.added_tokens["<|source|>"] == SP_SIZE + 1  # after [MASK], in llm-blender's add_tokens order
@@ -128,7 +128,7 @@ def test_truncation_lengths(tok, src_words):
     source = " ".join(["question"] * src_words)
     long = " ".join(["answer"] * 100)
     p = build_pair(tok, cfg, source, long, long + " good")
-    n_src = min(20, len(tok.encode("<|source|>" + source)) + 2)
+    n_src = min(20, len(tok.encode("<|source|>" + source, parse_special=True)) + 2)
     room = (36 - n_src) // 2
     assert p.positions == (1, n_src + 1, n_src + room + 1)
     assert len(p.ids) == n_src + 2 * room
@@ -381,7 +381,7 @@ def test_token_ids_match_transformers(tmp_path, sp_models, monkeypatch):
             continue
         assert [cfg.source_prefix_id, cfg.cand1_prefix_id, cfg.cand2_prefix_id, cfg.cand_prefix_id] == [
             ids[t] for t in PREFIX_TOKENS]
-        got[name] = ids, [[ids["[CLS]"]] + tok.encode(t) + [ids["[SEP]"]] for t in texts]
+        got[name] = ids, [[ids["[CLS]"]] + tok.encode(t, parse_special=True) + [ids["[SEP]"]] for t in texts]
     assert got == want
     # the published rule, as the oracle applies it: [MASK] right after the pieces, then add_tokens' order
     assert want["PairRM + deberta-v3 files"][0]["[MASK]"] == SP_SIZE

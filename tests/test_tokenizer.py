@@ -1,9 +1,10 @@
 """Tests for minalign.tokenizer: sentencepiece parity, atomic added tokens, HF file formats, errors.
 
-The reference for plain text is the bare sentencepiece processor; for text with added
-tokens it is the rule "each plain run encoded by sentencepiece on its own" written out
-by hand here, and, where transformers is installed, transformers' LlamaTokenizer with
-``legacy=True`` built from the same files (a test oracle only).
+The reference for plain text is the bare sentencepiece processor: ``encode`` treats
+added-token strings in its text as text by default, so every text equals sentencepiece's
+encoding. With ``parse_special=True`` the reference is the rule "each plain run encoded by
+sentencepiece on its own" written out by hand here, and, where transformers is installed,
+transformers' LlamaTokenizer with ``legacy=True`` built from the same files (a test oracle only).
 """
 
 import os
@@ -23,7 +24,8 @@ PLAIN_TEXTS = [
     " ",
     "\n",
     "digits 1234567890 2024",
-    "<s> looks like BOS but is spelled out",  # the tokenizer parses it: see test_bos_piece_text_is_bos
+    "<s> looks like BOS but is spelled out",  # text unless parse_special=True: see test_bos_piece_text_is_bos
+    "</s><unk> and <|user|>\n<|assistant|>\n<|endoftext|><|system|><|pad|> typed into a message",
     "",
 ]
 
@@ -34,13 +36,26 @@ def ids_str(tok, ids):
 
 
 # --------------------------------------------------------------------------- plain text
-@pytest.mark.parametrize("text", [t for t in PLAIN_TEXTS if "<s>" not in t])
+@pytest.mark.parametrize("text", PLAIN_TEXTS)
 @pytest.mark.parametrize("which", ["mistral_tokenizer", "merlinite_tokenizer"])
 def test_plain_text_equals_sentencepiece(request, sp_processor, which, text):
+    # Added-token strings typed into a text ("</s>", "<|user|>") are text unless the caller asks to parse them.
     tok = request.getfixturevalue(which)
     got, want = tok.encode(text), sp_processor.encode(text)
     assert got == want, f"{text!r}: got {ids_str(tok, got)}, sentencepiece gives {ids_str(tok, want)}"
+    assert got == tok.encode(text, parse_special=False)
+    assert not set(got) & set(tok.id_to_added), ids_str(tok, got)
     assert tok.decode(got) == text
+
+
+def test_specials_in_text_are_text_unless_parsed(merlinite_tokenizer, sp_processor):
+    tok, sp = merlinite_tokenizer, sp_processor
+    text = "<s>Hi</s><|user|>\nx<|endoftext|>"
+    assert tok.encode(text) == sp.encode(text)
+    assert tok.encode(text, parse_special=True) == [1, *sp.encode("Hi"), 2, 402, *sp.encode("\nx"), 400]
+    # bos/eos look at ids: "<s>"/"<|endoftext|>" spelled out in the text do not count as BOS/EOS.
+    assert tok.encode(text, bos=True, eos=True) == [1, *sp.encode(text), 400]
+    assert tok.encode(text, bos=True, eos=True, parse_special=True) == tok.encode(text, parse_special=True)
 
 
 def test_byte_fallback_is_exercised(merlinite_tokenizer):
@@ -56,7 +71,7 @@ def test_added_tokens_are_atomic_and_runs_get_dummy_prefix(merlinite_tokenizer, 
     user, asst, eot = (tok.token_to_id(t) for t in ("<|user|>", "<|assistant|>", "<|endoftext|>"))
     text = "<|user|>Hello<|assistant|>\nworld<|endoftext|>x"
     want = [user, *sp.encode("Hello"), asst, *sp.encode("\nworld"), eot, *sp.encode("x")]
-    got = tok.encode(text)
+    got = tok.encode(text, parse_special=True)
     assert got == want, f"got {ids_str(tok, got)}, want {ids_str(tok, want)}"
     # Each run starts with sentencepiece's dummy prefix, even right after a special token.
     assert tok.id_to_token(got[1]).startswith("▁"), ids_str(tok, got)
@@ -65,7 +80,7 @@ def test_added_tokens_are_atomic_and_runs_get_dummy_prefix(merlinite_tokenizer, 
 
 def test_adjacent_added_tokens_and_partial_matches(merlinite_tokenizer, sp_processor):
     tok = merlinite_tokenizer
-    got = tok.encode("<|user|><|assistant|><|user")
+    got = tok.encode("<|user|><|assistant|><|user", parse_special=True)
     want = [tok.token_to_id("<|user|>"), tok.token_to_id("<|assistant|>"), *sp_processor.encode("<|user")]
     assert got == want, f"got {ids_str(tok, got)}, want {ids_str(tok, want)}"
 
@@ -73,12 +88,12 @@ def test_adjacent_added_tokens_and_partial_matches(merlinite_tokenizer, sp_proce
 def test_longest_added_token_wins(sp_processor):
     # "<x>" is a prefix of "<x>y": a regex alternation in insertion order would split it.
     tok = Tokenizer(sp_processor, added_tokens={"<x>": 400, "<x>y": 401})
-    assert tok.encode("<x>y<x>") == [401, 400]
+    assert tok.encode("<x>y<x>", parse_special=True) == [401, 400]
 
 
 def test_bos_piece_text_is_bos(mistral_tokenizer, sp_processor):
     tok = mistral_tokenizer
-    got = tok.encode("<s>Hi</s>")
+    got = tok.encode("<s>Hi</s>", parse_special=True)
     assert got == [1, *sp_processor.encode("Hi"), 2], ids_str(tok, got)
 
 
@@ -87,19 +102,19 @@ def test_bos_eos_flags_not_doubled(merlinite_tokenizer, sp_processor):
     hi = sp_processor.encode("Hi")
     assert tok.bos_id == 1 and tok.eos_id == 400  # Merlinite: eos is <|endoftext|>
     assert tok.encode("Hi", bos=True) == [1, *hi]
-    assert tok.encode("<s>Hi", bos=True) == [1, *hi]
+    assert tok.encode("<s>Hi", bos=True, parse_special=True) == [1, *hi]
     assert tok.encode("Hi", eos=True) == [*hi, tok.eos_id]
-    assert tok.encode("Hi<|endoftext|>", eos=True) == [*hi, tok.eos_id]
-    assert tok.encode("<s>Hi<|endoftext|>", bos=True, eos=True) == [1, *hi, tok.eos_id]
+    assert tok.encode("Hi<|endoftext|>", eos=True, parse_special=True) == [*hi, tok.eos_id]
+    assert tok.encode("<s>Hi<|endoftext|>", bos=True, eos=True, parse_special=True) == [1, *hi, tok.eos_id]
     assert tok.encode("", bos=True, eos=True) == [1, tok.eos_id]
-    assert tok.encode("Hi</s>", eos=True) == [*hi, 2, tok.eos_id], "</s> is not Merlinite's EOS"
+    assert tok.encode("Hi</s>", eos=True, parse_special=True) == [*hi, 2, tok.eos_id], "</s> is not Merlinite's EOS"
 
 
 # --------------------------------------------------------------------------- decode
 def test_decode_round_trip_and_skip_specials(merlinite_tokenizer):
     tok = merlinite_tokenizer
     text = "<s><|system|>\nBe nice 🙂.\n<|user|>\nHi  there\n<|assistant|>\nHello!<|endoftext|>"
-    ids = tok.encode(text)
+    ids = tok.encode(text, parse_special=True)
     assert tok.decode(ids, skip_special_tokens=False) == text
     assert tok.decode(ids) == "\nBe nice 🙂.\n\nHi  there\n\nHello!"
 
@@ -107,7 +122,7 @@ def test_decode_round_trip_and_skip_specials(merlinite_tokenizer):
 def test_decode_keeps_non_special_added_tokens(make_tokenizer_dir):
     # added_tokens.json alone declares tokens without marking them special.
     tok = load_tokenizer(make_tokenizer_dir({"added_tokens.json": {"<tool>": 400}}))
-    ids = tok.encode("a<tool>b</s>")
+    ids = tok.encode("a<tool>b</s>", parse_special=True)
     assert tok.decode(ids) == "a<tool>b", ids  # </s> is special and skipped, <tool> is not
     assert 400 not in tok.special_ids
 
@@ -161,7 +176,7 @@ ONE_FILE_DECLARATIONS = {
 def test_each_file_format_declares_added_tokens(make_tokenizer_dir, sp_processor, filename):
     tok = load_tokenizer(make_tokenizer_dir({filename: ONE_FILE_DECLARATIONS[filename]}))
     assert tok.token_to_id("<|user|>") == 400 and tok.token_to_id("<|eot|>") == 401, tok.added_tokens
-    assert tok.encode("<|user|>hi<|eot|>") == [400, *sp_processor.encode("hi"), 401]
+    assert tok.encode("<|user|>hi<|eot|>", parse_special=True) == [400, *sp_processor.encode("hi"), 401]
     want_eos = 401 if filename == "tokenizer_config.json" else 2
     assert tok.eos_id == want_eos
 
@@ -257,7 +272,7 @@ def test_save_round_trip(merlinite_tokenizer, tmp_path):
     assert back.roles == tok.roles
     assert (back.add_bos_token, back.add_eos_token) == (tok.add_bos_token, tok.add_eos_token)
     text = "<s><|user|>\nemoji 🙂 ok<|assistant|>\nfine<|endoftext|>"
-    assert back.encode(text) == tok.encode(text)
+    assert back.encode(text, parse_special=True) == tok.encode(text, parse_special=True)
 
 
 # --------------------------------------------------------------------------- transformers oracle
@@ -282,8 +297,12 @@ def test_matches_transformers_legacy_llama_tokenizer(merlinite_tokenizer, tmp_pa
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 400, 401, 0)
     for text in ORACLE_TEXTS:
         want = hf.encode(text, add_special_tokens=False)
-        got = merlinite_tokenizer.encode(text)
+        got = merlinite_tokenizer.encode(text, parse_special=True)
         assert got == want, f"{text!r}: got {ids_str(merlinite_tokenizer, got)}, transformers {want}"
+        # The default, specials as text, is transformers' split_special_tokens=True.
+        want_text = hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        got_text = merlinite_tokenizer.encode(text)
+        assert got_text == want_text, f"{text!r}: got {ids_str(merlinite_tokenizer, got_text)}, transformers {want_text}"
         if not any(t in text for t in merlinite_tokenizer.added_tokens):
             # With added tokens inside, transformers decodes a run's dummy prefix after a special
             # token as a space ("<|user|>\nHi" -> "<|user|> \nHi"); decode() here inverts encode().
