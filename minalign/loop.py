@@ -461,6 +461,7 @@ class Loop:
         else:
             self.log(f"round {k} · {name}")
             began = time.perf_counter()
+            distributed.doing(f"round {k} · {name}")
             make()
             distributed.barrier()
             self.log(f"round {k} · {name}: {time.perf_counter() - began:.1f} s -> {artifact}")

@@ -337,6 +337,7 @@ def reference_logprobs(cfg: TrainConfig, examples: list[Example], world: int, ra
     bar = Progress(len(mine), unit="pairs (reference)", enabled=distributed.is_main())
     with torch.no_grad():
         for c in range(chunks):
+            distributed.doing(f"reference log-probs, chunk {c + 1}/{chunks}")
             idx = mine[c * m:(c + 1) * m]
             prompts = [examples[i].prompt for i in idx] * 2
             responses = [examples[i].response for i in idx] + [examples[i].rejected for i in idx]
@@ -422,6 +423,7 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: i
     trainer_state.json. It is assembled in a temp dir and renamed into place, and latest.json is replaced
     atomically after that, so a kill at any moment leaves the last complete checkpoint as the latest.
     """
+    distributed.doing(f"writing checkpoint step {step}")  # rank 0 writes while the others wait
     weights = get_model_state_dict(model, options=FULL)
     optim = get_optimizer_state_dict(model, optimizer, options=FULL)
     final = None
@@ -623,6 +625,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device | None)
     losses, plan, plan_epoch = [], [], -1
     step = start
     for step in range(start, end):
+        distributed.doing(f"training step {step + 1}/{end}")
         torch.manual_seed(t.seed * 1_000_003 + step * world + rank)
         epoch = step // per_epoch
         if epoch != plan_epoch:
@@ -719,6 +722,7 @@ def _write_final(run: Path, tokenizer) -> Path:
     """<run>/final: the latest checkpoint's model in HF layout with the tokenizer files, assembled in a temp dir
     and renamed into place (all ranks call it, rank 0 writes)."""
     final = run / "final"
+    distributed.doing("writing the final model")
     if distributed.is_main():
         tmp = run / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)

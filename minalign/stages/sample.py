@@ -228,6 +228,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
         except (OSError, ValueError) as e:
             raise CliError(f"--reward: {e}") from None
     try:
+        distributed.doing(f"loading {model_dir}")
         model = distributed.fit_threads(minalign.load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval())
     except CheckpointError as e:  # names the file or keys at fault
         raise CliError(str(e)) from None
@@ -235,7 +236,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     bar = Progress(sum(map(len, todo)), enabled=main_rank)
     start, generated = time.perf_counter(), 0
     with open(partial, "ab") as f:
-        for batch in todo:
+        for i, batch in enumerate(todo):
+            distributed.doing(f"sampling batch {i + 1}/{len(todo)}")  # for the frozen-rank message
             results = generate(model, [j.ids for j in batch], n=args.num_samples,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p,
@@ -256,6 +258,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
     (generated,) = distributed.all_sum([generated])
     if main_rank:
+        distributed.doing(f"merging the partial files into {out}")
         merged = merge(out, ours, settings, jobs, reward, args.reward)
         # The counts describe the output file; the rate is of the tokens this run generated (all ranks).
         tokens = sum(len(r["token_ids"]) for row in merged for r in row["responses"])

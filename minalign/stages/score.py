@@ -177,11 +177,13 @@ def score_pass(p: int, name: str, scorer: Scorer, jobs: list[Job], done: dict, f
     steps = max(map(len, todo)) if args.fsdp else len(mine)
     if not steps:
         return 0, 0.0
+    distributed.doing(f"loading the {name}")
     model = load_model(scorer, dtype, device, args.fsdp)
     start = time.perf_counter()
     bar = Progress(sum(map(len, mine)), unit=f"responses ({name})", enabled=distributed.is_main())
     fed = 0
     for step in range(steps):
+        distributed.doing(f"scoring with the {name}, forward {step + 1}/{steps}")
         if step >= len(mine):  # FSDP: out of work, but every forward needs every rank's shards
             batch_logprobs(model, [([0], [0])])
             continue
@@ -253,6 +255,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
     (fed,) = distributed.all_sum([fed])
     if main_rank:
+        distributed.doing(f"merging the partial files into {out}")
         merged = merge(out, ours, settings, jobs, passes, args)
         responses = [r for row in merged for r in row["responses"]]
         mean = sum(r["reward"] for r in responses) / len(responses) if responses else float("nan")
