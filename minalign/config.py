@@ -3,8 +3,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from minalign.data import short_repr
+
+
+# The sizes every model needs to be a positive integer (bool is an int in Python, but not a size).
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings")
+OPTIONAL_POSITIVE_INTS = ("head_dim", "sliding_window")  # or None: derived / no window
+# No real model comes near it, and a weight's size (the product of two) still fits torch's int64 sizes.
+MAX_SIZE = 2**31 - 1
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """An int or float (not a bool) that a float can hold: not NaN, not infinite, not a 400-digit int."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -30,7 +51,11 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        self._check_types()
         if self.head_dim is None:  # frozen dataclass: fill the derived default through object.__setattr__
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"num_attention_heads ({self.num_attention_heads}) does not divide hidden_size "
+                                 f"({self.hidden_size}); give head_dim to set the head size")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -38,6 +63,28 @@ class ModelConfig:
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_local_experts "
                              f"({self.num_local_experts})")
+
+    def _check_types(self):
+        """ValueError naming the first field whose value no model can have (a string size, 0 heads, 2.5 layers)."""
+        for name in POSITIVE_INTS + OPTIONAL_POSITIVE_INTS:
+            value = getattr(self, name)
+            if not (_is_int(value) and 0 < value <= MAX_SIZE or value is None and name in OPTIONAL_POSITIVE_INTS):
+                raise ValueError(f"{name} must be a positive integer below 2**31, got {short_repr(value)}")
+        if not (_is_int(self.num_local_experts) and 0 <= self.num_local_experts <= MAX_SIZE):
+            raise ValueError(f"num_local_experts must be 0 (dense) or a positive integer below 2**31, got "
+                             f"{short_repr(self.num_local_experts)}")
+        if not _is_int(self.num_experts_per_tok):
+            raise ValueError(f"num_experts_per_tok must be an integer, got {short_repr(self.num_experts_per_tok)}")
+        for name, least in (("rms_norm_eps", "positive"), ("rope_theta", "positive"),
+                            ("router_aux_loss_coef", "non-negative")):
+            value = getattr(self, name)
+            if not (_is_finite(value) and (value > 0 or least == "non-negative" and value == 0)):
+                raise ValueError(f"{name} must be a {least} finite number, got {short_repr(value)}")
+            object.__setattr__(self, name, float(value))  # 10000 and 10000.0 are one config
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not (value is None or _is_int(value)):
+                raise ValueError(f"{name} must be an integer or null, got {short_repr(value)}")
 
     @property
     def is_moe(self) -> bool:
@@ -93,9 +140,14 @@ def read_config_json(hf: dict | str | Path) -> tuple[dict, str]:
     if isinstance(hf, dict):
         return hf, "config"
     try:
-        return json.loads(Path(hf).read_text()), str(hf)
-    except json.JSONDecodeError as e:
+        config = json.loads(Path(hf).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{hf}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, [[[[... 100k deep
         raise ValueError(f"{hf}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{hf}: expected a JSON object, got {type(config).__name__}")
+    return config, str(hf)
 
 
 def from_hf_config(hf: dict | str | Path) -> ModelConfig:
@@ -111,7 +163,10 @@ def from_hf_config(hf: dict | str | Path) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
     # Published checkpoints say rope_theta; newer transformers writes rope_parameters={"rope_theta", "rope_type"}.
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_key = next((k for k in ("rope_parameters", "rope_scaling") if hf.get(k)), None)
+    rope = hf[rope_key] if rope_key else {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{source}: {rope_key} must be an object, got {short_repr(rope)}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only the default RoPE)")
@@ -130,8 +185,13 @@ def from_hf_config(hf: dict | str | Path) -> ModelConfig:
         kwargs["num_local_experts"] = 0  # a dense model, whatever else the file says
     for k in ("bos_token_id", "eos_token_id"):  # HF allows a list of ids; the first is the canonical one
         if isinstance(kwargs.get(k), list):
+            if not kwargs[k]:
+                raise ValueError(f"{source}: {k} is an empty list")
             kwargs[k] = kwargs[k][0]
-    return ModelConfig(rope_theta=float(rope_theta), **kwargs)
+    try:
+        return ModelConfig(rope_theta=rope_theta, **kwargs)
+    except ValueError as e:  # a value no model can have: the message names its key
+        raise ValueError(f"{source}: {e}") from None
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:

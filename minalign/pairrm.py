@@ -66,10 +66,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from minalign.checkpoint import CheckpointError, load_weights, weight_files
+from minalign.checkpoint import CheckpointError, load_weights, open_weights
 from minalign.rewards import prompt_messages
 from minalign.tokenizer import Tokenizer, load_tokenizer
 
@@ -253,10 +252,9 @@ def _prefix_ids(tok: Tokenizer, cfg_ids: dict[str, int] | None, rows: int, where
 
 
 def _embedding_rows(path: Path) -> int:
-    for f in weight_files(path):
-        with safe_open(f, framework="pt", device="cpu") as h:
-            if EMBEDDING_KEY in h.keys():
-                return int(h.get_slice(EMBEDDING_KEY).get_shape()[0])
+    found = open_weights(path)  # the headers, checked against their files (a corrupt one named)
+    if EMBEDDING_KEY in found:
+        return int(found[EMBEDDING_KEY].shape[0])
     raise CheckpointError(f"{path}: the weights have no {EMBEDDING_KEY} (is this a PairRM checkpoint?)")
 
 

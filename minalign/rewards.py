@@ -50,7 +50,8 @@ import torch
 import minalign
 from minalign import distributed
 from minalign.chat import end_token_id, render_prompt
-from minalign.config import ModelConfig, from_hf_config
+from minalign.checkpoint import check_checkpoint
+from minalign.config import ModelConfig
 from minalign.data import as_messages, messages_of
 from minalign.logprobs import pack_by_length, sequence_logprobs
 from minalign.tokenizer import Tokenizer
@@ -136,7 +137,7 @@ class Scorer:
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"{path}: not a directory (expected an HF checkpoint dir)")
-        config = from_hf_config(path / "config.json")
+        config = check_checkpoint(path)  # config.json against the weights' headers: bad files found now
         tokenizer = minalign.load_tokenizer(path)
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -169,7 +170,8 @@ class Scorer:
 
     def load(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
         """The model, for inference."""
-        return distributed.fit_threads(minalign.load_model(self.path, dtype=dtype, device=device).eval())
+        return distributed.fit_threads(minalign.load_model(self.path, dtype=dtype, device=device,
+                                                           check_finite=True).eval())
 
 
 def cut_batches(sequences: list[Sequence], batch_tokens: int) -> list[list[int]]:

@@ -43,11 +43,10 @@ from torch.utils.checkpoint import checkpoint
 import minalign
 from minalign import distributed
 from minalign.chat import TEMPLATES, end_token_id, render_conversation, render_prompt
-from minalign.checkpoint import CheckpointError
-from minalign.config import from_hf_config
+from minalign.checkpoint import CheckpointError, check_checkpoint
 from minalign.cli import (BadRows, CliError, changed_settings, cut_torn_line, read_settings, require_checkpoint_dir,
                           run_lock)
-from minalign.data import DataError, as_messages, atomic_write, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
+from minalign.data import DataError, as_messages, atomic_write, file_mode, file_sha256, jsonl_line, messages_of, prompt_of, read_jsonl
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import LOSS_TYPES, dpo_loss, dpo_metrics, sft_loss
 from minalign.progress import Progress
@@ -325,7 +324,8 @@ def reference_logprobs(cfg: TrainConfig, examples: list[Example], world: int, ra
             return torch.tensor([[r["chosen"], r["rejected"]] for r in rows[1:]], dtype=torch.float32), True
     try:
         sharded = cfg.train.parallel == "fsdp" and world > 1  # shard_model moves the weights to the device
-        model = distributed.fit_threads(minalign.load_model(reference, device="cpu" if sharded else device).eval())
+        model = distributed.fit_threads(minalign.load_model(reference, device="cpu" if sharded else device,
+                                                           check_finite=True).eval())
     except CheckpointError as e:
         raise CliError(f"reference {reference}: {e}") from None
     if sharded:
@@ -447,6 +447,7 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: dict, keep: i
                 else:
                     meta["state"][name][key] = value
         save_file(tensors, tmp / "optimizer.safetensors")
+        os.chmod(tmp / "optimizer.safetensors", file_mode())  # safetensors writes 0600: the umask's mode instead
         (tmp / "optimizer.json").write_text(json.dumps(meta, indent=1) + "\n")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
         for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -496,7 +497,9 @@ def open_policy(cfg: TrainConfig):
             require_checkpoint_dir(getattr(cfg.model, key), f"model.{key}")
     try:
         tokenizer = minalign.load_tokenizer(cfg.model.path)
-        context = from_hf_config(Path(cfg.model.path) / "config.json").max_position_embeddings
+        context = check_checkpoint(cfg.model.path).max_position_embeddings  # bad weight files found now
+        if cfg.model.reference:
+            check_checkpoint(cfg.model.reference)
     except (OSError, ValueError) as e:
         raise CliError(f"model.path {cfg.model.path}: {e}") from None
     try:
@@ -596,7 +599,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device | None)
     # The policy: from the checkpoint being resumed, else the initial one; fp32 master weights.
     source = ckpt if ckpt is not None else Path(cfg.model.path)
     try:
-        policy = distributed.fit_threads(minalign.load_model(source, dtype=torch.float32, device="cpu"))
+        policy = distributed.fit_threads(minalign.load_model(source, dtype=torch.float32, device="cpu",
+                                                           check_finite=True))
     except CheckpointError as e:
         raise CliError(str(e)) from None
     core = policy

@@ -1,10 +1,28 @@
 """minalign.data: the JSONL reader (path:line errors), the atomic JSONL writer and prompt-row validation."""
+import contextlib
 import json
 import math
+import os
+import stat
 
 import pytest
 
-from minalign.data import DataError, jsonl_line, prompt_of, read_jsonl, write_jsonl
+from minalign.data import MAX_DEPTH, DataError, atomic_write, jsonl_line, prompt_of, read_jsonl, umask, write_jsonl
+
+
+@contextlib.contextmanager
+def umask_set(mask: int):
+    """The process's umask is mask inside the block."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path) -> int:
+    """The permission bits of path."""
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def test_read_jsonl_numbers_lines_and_skips_blank_ones(tmp_path):
@@ -21,6 +39,20 @@ def test_read_jsonl_numbers_lines_and_skips_blank_ones(tmp_path):
     (b'{"a": 1}\n\n["not", "an", "object"]\n', 3, "expected a JSON object, got list"),
     (b'{"a": 1}\n{"a": "\xff"}\n', 2, "not valid UTF-8"),
     (b'{"a": 1} {"b": 2}\n', 1, "malformed JSON (Extra data"),
+    # What Python's json reads but JSON has not, or what could not be written back as UTF-8 JSON later
+    (b'{"a": NaN}\n', 1, "NaN is not JSON"),
+    (b'{"a": 1}\n{"a": [1, Infinity]}\n', 2, "Infinity is not JSON"),
+    (b'{"a": -Infinity}\n', 1, "-Infinity is not JSON"),
+    (b'{"a": 1e999}\n', 1, "the number 1e999 is past a float's range"),
+    (b'{"a": -2.5E+400}\n', 1, "past a float's range"),
+    (b'{"a": ' + b"9" * 5000 + b'}\n', 1, "an integer of more than 4300 digits"),
+    (b'{"a": "x\\ud800y"}\n', 1, "a lone surrogate \\ud800"),
+    (b'{"a": ["\\udfff"]}\n', 1, "a lone surrogate \\udfff"),
+    (b'{"\\udc00": 1}\n', 1, "a lone surrogate \\udc00"),
+    (b'{"a": "\\ude00\\ud83d"}\n', 1, "a lone surrogate"),  # a pair in the wrong order is two halves
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n', 1, f"nested more than {MAX_DEPTH}"),
+    (b'{"a": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b'}\n', 1, f"nested more than {MAX_DEPTH}"),
+    (b'{"a": ' + b'{"b": ' * MAX_DEPTH + b"1" + b"}" * MAX_DEPTH + b'}\n', 1, f"nested more than {MAX_DEPTH}"),
 ])
 def test_read_jsonl_errors_name_path_and_line(tmp_path, content, line, phrase):
     path = tmp_path / "bad.jsonl"
@@ -32,6 +64,19 @@ def test_read_jsonl_errors_name_path_and_line(tmp_path, content, line, phrase):
     assert phrase in message, message
     assert (info.value.path, info.value.line) == (str(path), line)
     assert isinstance(info.value, ValueError)  # callers that know only ValueError still catch it
+
+
+def test_read_jsonl_reads_what_is_json(tmp_path):
+    """The stricter checks refuse nothing JSON has: surrogate pairs, an escaped backslash before "ud800", large
+    and tiny floats, MAX_DEPTH levels of nesting, brackets inside strings."""
+    path = tmp_path / "ok.jsonl"
+    deepest = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)  # the row is level 1
+    path.write_text('{"a": "\\ud83d\\ude00", "b": "\\\\ud800"}\n{"x": [1e308, -1.5e-320, 0.1, -0.0, 12]}\n'
+                    f'{{"d": {deepest}}}\n{{"s": "{"[" * 500}"}}\n')
+    rows = [row for _, row in read_jsonl(path)]
+    assert rows[0] == {"a": "\U0001f600", "b": "\\ud800"}
+    assert rows[1] == {"x": [1e308, -1.5e-320, 0.1, -0.0, 12]}
+    assert rows[2]["d"] == json.loads(deepest) and rows[3] == {"s": "[" * 500}
 
 
 def test_read_jsonl_on_error_reports_and_goes_on(tmp_path):
@@ -90,3 +135,17 @@ def test_prompt_of_rejects_malformed_rows(row, phrase):
         prompt_of(row)
     assert phrase in str(info.value), f"{json.dumps(row)}: {info.value}"
     assert len(str(info.value)) < 200, str(info.value)  # a long value is cut, the message stays one short line
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o027])
+def test_atomic_write_gives_the_umask_permissions(tmp_path, mask):
+    """What open() would give (0o666 less the umask), not mkstemp's 0600; for a new file and a replaced one."""
+    with umask_set(mask):
+        assert umask() == mask and umask() == mask  # read without being changed
+        new = atomic_write(tmp_path / "new.txt", "x")
+        old = tmp_path / "old.txt"
+        old.write_text("before")
+        os.chmod(old, 0o600)
+        atomic_write(old, b"after")
+    assert mode(new) == mode(old) == 0o666 & ~mask, (oct(mode(new)), oct(mode(old)))
+    assert old.read_bytes() == b"after" and sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "old.txt"]

@@ -363,3 +363,21 @@ if __name__ == "__main__":  # torchrun ... -m tests.test_trainer OVERRIDES...: o
         trainer.train(load_config(None, [tuple(kv) for kv in json.loads(arg)]), rank, world, device)
     distributed.barrier()
     distributed.exit(0)
+
+
+@pytest.mark.parametrize("key, value, phrase", [
+    ("train.adam_eps", "-1.0", "train.adam_eps must be > 0"),
+    ("train.adam_betas", '["a", "b"]', "train.adam_betas: expected a list of floats"),
+    ("train.seed", str(2**63), "train.seed must be in [0, 2147483648)"),
+    ("train.lr", "inf", "train.lr must be finite"),
+    ("train.device", "cuda", "train.device cuda: torch sees no CUDA device"),
+    ("train.weight_decay", "nan", "train.weight_decay must be finite"),
+])
+def test_bad_settings_are_one_line(model_dir, sft_data, tmp_path, capsys, key, value, phrase):
+    if key == "train.device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    capsys.readouterr()
+    assert train_cli.main(cli_args(model_dir, sft_data, tmp_path / "run") + [f"--{key}", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: error: ") and phrase in err, err
+    assert not (tmp_path / "run").exists()

@@ -36,9 +36,8 @@ import torch
 import minalign
 from minalign import cli, distributed
 from minalign.chat import TEMPLATES, end_token_id, render_prompt
-from minalign.checkpoint import CheckpointError
+from minalign.checkpoint import CheckpointError, check_checkpoint
 from minalign.cli import CliError, append_lines, open_partials, partial_entries, write_output
-from minalign.config import from_hf_config
 from minalign.data import DataError, as_messages, file_sha256, jsonl_line, prompt_of, read_jsonl
 from minalign.progress import Progress
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
@@ -175,7 +174,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
     if cli.output_done(args, "sample.py", prompts=prompts_path):
         return 0
     try:
-        config = from_hf_config(model_dir / "config.json")
+        config = check_checkpoint(model_dir)  # config.json against the weights' headers: bad files found now
         tokenizer = minalign.load_tokenizer(model_dir)
     except (OSError, ValueError) as e:
         raise CliError(str(e)) from None
@@ -229,7 +228,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, device: torch.device) 
             raise CliError(f"--reward: {e}") from None
     try:
         distributed.doing(f"loading {model_dir}")
-        model = distributed.fit_threads(minalign.load_model(model_dir, dtype=getattr(torch, dtype), device=device).eval())
+        model = distributed.fit_threads(minalign.load_model(model_dir, dtype=getattr(torch, dtype), device=device,
+                                                           check_finite=True).eval())
     except CheckpointError as e:  # names the file or keys at fault
         raise CliError(str(e)) from None
 
