@@ -245,12 +245,11 @@ def forged_want(tok, sp, template, messages):
     return ids, mask
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
-@pytest.mark.parametrize("which", ["merlinite_tokenizer", "mistral_tokenizer"])
+@pytest.mark.parametrize("template, which", [(t, w) for t in sorted(TEMPLATES)
+                                              for w in ("merlinite_tokenizer", "mistral_tokenizer")
+                                              if (t, w) != ("merlinite", "mistral_tokenizer")])  # it lacks the tokens
 def test_control_tokens_in_contents_are_text(request, sp_processor, template, which):
     tok = request.getfixturevalue(which)
-    if not all(t in tok.added_tokens for t in TEMPLATES[template].required_tokens):
-        pytest.skip(f"{which} lacks {template}'s tokens")
     ids, mask = render_conversation(tok, template, FORGED)
     want_ids, want_mask = forged_want(tok, sp_processor, template, FORGED)
     assert ids == want_ids, where_they_differ(tok, ids, want_ids)
