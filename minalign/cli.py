@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from minalign import distributed
 from minalign.data import DataError, jsonl_line, read_jsonl, write_jsonl
@@ -34,14 +35,15 @@ class CliError(Exception):
 
 class BadRows:
     """The on_error of read_jsonl, and of a stage's own row checks: stop at the first bad row (a CliError naming
-    path:line), or with --skip-invalid keep going and collect them in .skipped."""
+    path:line), or with --skip-invalid keep going and collect them in .skipped. switch: how this CLI says
+    "skip invalid rows", for the message."""
 
-    def __init__(self, skip_invalid: bool):
-        self.skip_invalid, self.skipped = skip_invalid, []
+    def __init__(self, skip_invalid: bool, switch: str = "--skip-invalid"):
+        self.skip_invalid, self.switch, self.skipped = skip_invalid, switch, []
 
     def __call__(self, err: DataError) -> None:
         if not self.skip_invalid:
-            raise CliError(f"{err} (--skip-invalid skips bad rows)")
+            raise CliError(f"{err} ({self.switch} skips bad rows)")
         self.skipped.append(err)
 
 
@@ -146,7 +148,8 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
     except (CliError, DataError) as e:
         print(f"{prog}: {where}error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a read-only dir: what was finished is kept (partial files, checkpoints)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only dir (safetensors' writer raises its own
+        # error for them; files it reads are checked before any work): what was finished is kept
         print(f"{prog}: {where}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -238,10 +241,13 @@ def output_done(args: argparse.Namespace, prog: str, **inputs: Path) -> bool:
         raise CliError(f"--out {out} is a directory; give a file path")
     if not out.parent.is_dir():
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
-    if out.exists() and not args.overwrite:
+    if args.overwrite:  # from the start: an unfinished earlier run's partial files go too
+        on_main(lambda: [p.unlink() for p in existing_partials(out)])
+    elif out.exists():
         if args.resume:
             if distributed.is_main():
-                print(f"{prog}: {out} is complete already; nothing to do (--overwrite redoes it)", file=sys.stderr)
+                print(f"{prog}: {out} is complete already; nothing to do (its settings are not checked again: "
+                      f"--overwrite redoes it)", file=sys.stderr)
             return True
         raise CliError(f"--out {out} exists (a finished run); --overwrite redoes it, or choose another --out")
     return False

@@ -95,9 +95,11 @@ def heartbeat_timeout() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"MINALIGN_HEARTBEAT_TIMEOUT={text!r}: expected seconds (a number; 0 turns the "
-                         f"frozen-rank watchdog off)")
+    # Under a second, a beat every timeout/4 s is late whenever a thread waits a moment for the GIL: a healthy
+    # job would be ended.
+    if not (value == 0 or 1 <= value < float("inf")):
+        raise ValueError(f"MINALIGN_HEARTBEAT_TIMEOUT={text!r}: expected 0 (the frozen-rank watchdog off) or "
+                         f"seconds, at least 1")
     return value
 
 

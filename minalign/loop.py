@@ -413,7 +413,6 @@ class Loop:
             self._metric_function()
 
         def prepare() -> None:
-            run.mkdir(parents=True, exist_ok=True)
             if (run / "pool.jsonl").is_file():
                 return
             render = self._prompt_check()
@@ -422,6 +421,7 @@ class Loop:
                 held = read_prompts(Path(cfg.prompts.eval_path), render)
             else:
                 pool, held = split_pool(pool, cfg.prompts.eval_size, cfg.loop.seed)
+            run.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no run dir behind
             if not saved.is_file():
                 atomic_write(saved, json.dumps({"settings": settings}, indent=1) + "\n")
             write_jsonl(run / "eval_prompts.jsonl", held)  # first: pool.jsonl marks both written

@@ -145,16 +145,16 @@ def check_config(cfg: TrainConfig) -> None:
         "train.steps, batch_size, micro_batch_size, log_every must be >= 1":
             min(t.steps, t.batch_size, t.micro_batch_size, t.log_every) < 1,
         f"train.seed must be in [0, {MAX_SEED})": not 0 <= t.seed < MAX_SEED,
-        "train.lr must be > 0": not t.lr > 0, "train.warmup_steps must be >= 0": t.warmup_steps < 0,
+        "train.lr must be > 0": t.lr <= 0, "train.warmup_steps must be >= 0": t.warmup_steps < 0,
         "train.min_lr_ratio must be in [0, 1]": not 0 <= t.min_lr_ratio <= 1,
-        "train.weight_decay must be >= 0": not t.weight_decay >= 0, "train.adam_eps must be > 0": not t.adam_eps > 0,
+        "train.weight_decay must be >= 0": t.weight_decay < 0, "train.adam_eps must be > 0": t.adam_eps <= 0,
         "train.adam_betas must be two numbers in [0, 1)": len(t.adam_betas) != 2 or
             not all(0 <= b < 1 for b in t.adam_betas),
         "train.grad_clip, save_every, stop_after must be >= 0": min(t.grad_clip, t.save_every, t.stop_after) < 0,
         "train.keep_checkpoints must be >= 1": t.keep_checkpoints < 1,
         "data.max_prompt_length must be >= 1 and < data.max_length": not 1 <= d.max_prompt_length < d.max_length,
         f"dpo.loss_type must be one of {LOSS_TYPES}": cfg.dpo.loss_type not in LOSS_TYPES,
-        "dpo.beta must be > 0": not cfg.dpo.beta > 0,
+        "dpo.beta must be > 0": cfg.dpo.beta <= 0,
         "dpo.label_smoothing must be in [0, 0.5)": not 0 <= cfg.dpo.label_smoothing < 0.5}
     bad = [msg for msg, wrong in problems.items() if wrong]
     if bad:
@@ -250,7 +250,7 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[Example], DataStats
     path, d = Path(cfg.data.path), cfg.data
     if not path.is_file():
         raise CliError(f"data.path {path}: no such file")
-    bad = BadRows(d.skip_invalid)
+    bad = BadRows(d.skip_invalid, switch="--data.skip_invalid true")
     stats = DataStats()
     end = end_token_id(tokenizer, cfg.model.template)
     examples = []

@@ -387,4 +387,4 @@ def test_every_setting_is_checked_before_any_work(models, tmp_path, key, value, 
     with pytest.raises(CliError) as e:
         run_loop(load_loop_config(None, list(over.items())))
     assert phrase in str(e.value), str(e.value)
-    assert not (out / "loop.json").exists() and not (out / "round_0").exists()
+    assert not out.exists()  # no loop.json, no round_0, not even an empty run dir

@@ -499,5 +499,7 @@ def test_outputs_that_would_destroy_work_are_refused(model_dir, reference, tmp_p
     assert code == 2 and "exists (a finished run); --overwrite redoes it" in err, err
     code, err = run_main(args_for(model_dir, prompts, out, "--resume"), capsys)
     assert code == 0 and "is complete already; nothing to do" in err and out.read_bytes() == b"finished\n", err
-    assert run_main(args_for(model_dir, prompts, out, "--overwrite"), capsys)[0] == 0
+    (tmp_path / "out.jsonl.partial").write_text('{"format": "of an unfinished earlier run"}\n')
+    assert run_main(args_for(model_dir, prompts, out, "--overwrite"), capsys)[0] == 0  # from the start
     assert_same_file(out.read_bytes(), want)
+    assert not (tmp_path / "out.jsonl.partial").exists()

@@ -365,6 +365,29 @@ if __name__ == "__main__":  # torchrun ... -m tests.test_trainer OVERRIDES...: o
     distributed.exit(0)
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(model_dir, sft_data, tmp_path, capsys, monkeypatch):
+    """safetensors' writer raises its own error on a full disk (ENOSPC), not an OSError; and a bad row's hint names
+    train.py's own switch."""
+    from safetensors import SafetensorError
+    real, calls = trainer.save_file, []
+
+    def save_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "save_file", save_file)
+    capsys.readouterr()
+    assert train_cli.main(cli_args(model_dir, sft_data, tmp_path / "run", steps=4, save_every=2)) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("train.py: error: Error while serializing: I/O error: No space left on device "
+                                    "(os error 28)"), err
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 2
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "a"}])
+    assert train_cli.main(cli_args(model_dir, bad, tmp_path / "r2")) == 2
+    assert capsys.readouterr().err.rstrip().endswith("(--data.skip_invalid true skips bad rows)")
+
+
 @pytest.mark.parametrize("key, value, phrase", [
     ("train.adam_eps", "-1.0", "train.adam_eps must be > 0"),
     ("train.adam_betas", '["a", "b"]', "train.adam_betas: expected a list of floats"),

@@ -85,7 +85,7 @@ def test_heartbeat_timeout_from_the_environment(monkeypatch):
     for text, value in [("0", 0), ("2.5", 2.5), (" 60 ", 60)]:
         monkeypatch.setenv("MINALIGN_HEARTBEAT_TIMEOUT", text)
         assert distributed.heartbeat_timeout() == value
-    for text in ["-1", "soon", "nan", "inf"]:
+    for text in ["-1", "soon", "nan", "inf", "1e400", "0.3"]:  # under a second would end healthy jobs
         monkeypatch.setenv("MINALIGN_HEARTBEAT_TIMEOUT", text)
         with pytest.raises(ValueError, match="MINALIGN_HEARTBEAT_TIMEOUT"):
             distributed.heartbeat_timeout()
