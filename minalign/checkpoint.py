@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minalign.config import ModelConfig, from_hf_config, to_hf_config
-from minalign.data import file_mode, short_repr
+from minalign.data import file_mode, read_json_object, short_repr
 from minalign.model import Transformer
 
 SINGLE_FILE = "model.safetensors"
@@ -54,12 +54,11 @@ def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            data = json.loads(index.read_bytes().decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # ValueError: malformed JSON or UTF-8
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_json_object(index).get("weight_map")
+        except ValueError as e:  # names the index: not UTF-8, not JSON, not an object
+            raise CheckpointError(f"{e}: not a valid safetensors index") from None
         except OSError as e:
             raise CheckpointError(f"{index}: cannot be read ({e.strerror})") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: not a valid safetensors index (it needs a weight_map object of tensor "
                                   f"name -> shard file, got {short_repr(weight_map)})")
@@ -134,6 +133,11 @@ def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
     The numbers of layers and of experts are compared before anything is built from the config: they set how
     many modules the model has, so a config.json saying 1e9 layers must not get as far as building them.
     """
+    return _checked(path)[0]
+
+
+def _checked(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, StoredTensor]]:
+    """check_checkpoint's config, and the headers it read (for load_model, so they are read once)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected an HF checkpoint dir with config.json)")
@@ -157,7 +161,7 @@ def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
     if cfg.is_moe and cfg.num_local_experts != len(experts):
         raise CheckpointError(f"{config}: num_local_experts is {cfg.num_local_experts}, but the weights hold "
                               f"{len(experts)} experts per layer")
-    return cfg
+    return cfg, found
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -166,11 +170,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
 
     check_finite: refuse a weight holding NaN or infinity (one more pass over the weights; see load_weights).
     """
-    cfg = check_checkpoint(path)
+    cfg, found = _checked(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     what = f"the {cfg.num_hidden_layers}-layer {'mixtral' if cfg.is_moe else 'mistral'} model in its config.json"
-    return load_weights(model, Path(path), what, dtype, device, check_finite)
+    return load_weights(model, Path(path), what, dtype, device, check_finite, found)
 
 
 def _listed(keys: list[str]) -> str:
@@ -191,16 +195,16 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def load_weights(model: torch.nn.Module, path: Path, what: str, dtype: torch.dtype | None, device,
-                 check_finite: bool = False) -> torch.nn.Module:
+                 check_finite: bool = False, found: dict[str, StoredTensor] | None = None) -> torch.nn.Module:
     """Assign the safetensors weights of checkpoint dir `path` to a meta-device `model` (memory-mapped: one copy).
 
     Every header is read first, so one CheckpointError (one line) lists all missing, unexpected and mis-shaped
     keys together (`what` describes the model they were meant for); a weight stored as anything but a float
     (WEIGHT_DTYPES) is refused naming it. check_finite: also refuse a weight holding NaN or infinity, which
-    would otherwise surface only in the results.
+    would otherwise surface only in the results. found: open_weights(path), when the caller has read it.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = open_weights(path)
+    found = found if found is not None else open_weights(path)  # found: the headers, when already read
     check_dtypes(found, expected.keys())
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minalign.data import short_repr
+from minalign.data import read_json_object, short_repr
 
 
 # The sizes every model needs to be a positive integer (bool is an int in Python, but not a size).
@@ -139,15 +138,7 @@ def read_config_json(hf: dict | str | Path) -> tuple[dict, str]:
     """(the config dict, a name for error messages) from a dict or the path of a config.json."""
     if isinstance(hf, dict):
         return hf, "config"
-    try:
-        config = json.loads(Path(hf).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{hf}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit number, [[[[... 100k deep
-        raise ValueError(f"{hf}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{hf}: expected a JSON object, got {type(config).__name__}")
-    return config, str(hf)
+    return read_json_object(hf), str(hf)
 
 
 def from_hf_config(hf: dict | str | Path) -> ModelConfig:

@@ -175,6 +175,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write(path, "".join(jsonl_line(row) for row in rows))
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in file path (a config.json, an index); ValueError naming path when it is not valid UTF-8,
+    not valid JSON (a 5000-digit number, nesting 100k deep included) or not an object."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, int() of a huge number, [[[[...
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def short_repr(value, limit: int = 80) -> str:
     """repr(value), cut to limit characters: an error message stays one readable line."""
     text = repr(value)

@@ -135,8 +135,6 @@ class Scorer:
         """Read config.json and the tokenizer of checkpoint dir path; ValueError (or OSError) naming what is wrong,
         including a template whose special tokens the tokenizer lacks."""
         path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"{path}: not a directory (expected an HF checkpoint dir)")
         config = check_checkpoint(path)  # config.json against the weights' headers: bad files found now
         tokenizer = minalign.load_tokenizer(path)
         if tokenizer.vocab_size > config.vocab_size:
