@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from minalign.logprobs import token_logprobs_torch
+from kernels import token_logprobs_torch
 
 
 def naive(hidden, weight, targets):

@@ -38,7 +38,7 @@ import minalign
 from bench_logprob import PeakMemory
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import dpo_loss, sft_loss
-from minalign.trainer import TrainConfig, make_optimizer
+from minalign.train import TrainConfig, make_optimizer
 
 SMALL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2)

@@ -21,16 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minalign.config import ModelConfig, from_hf_config, to_hf_config
+from minalign.errors import CheckpointError
 from minalign.data import file_mode, read_json_object, short_repr
 from minalign.model import Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file or keys at fault."""
 
 
 # What a checkpoint's weights may be stored as (safetensors' names): an int8 or bool tensor would be cast silently.
@@ -124,6 +121,16 @@ def check_dtypes(found: dict[str, StoredTensor], keys) -> None:
             kinds = ", ".join(f"{name} ({str(dtype).removeprefix('torch.')})" for name, dtype in WEIGHT_DTYPES.items())
             raise CheckpointError(f"{found[key].file}: {key} is stored as {found[key].dtype}; a checkpoint's "
                                   f"weights are one of {kinds}")
+
+
+def require_dir(path, name: str) -> Path:
+    """path as a Path; CheckpointError naming the flag or key `name` if it is not a directory (missing, or a file)."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise CheckpointError(f"{name} {path}: {what} (expected an HF checkpoint dir: config.json, weights and "
+                              f"tokenizer files)")
+    return path
 
 
 def check_checkpoint(path: str | os.PathLike) -> ModelConfig:

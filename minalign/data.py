@@ -2,7 +2,7 @@
 sees the old file or the new one, never half of one; and it has the permissions the umask gives.
 
 JSONL is the format between stages (prompts -> samples -> scores -> training rows): one JSON object a line,
-UTF-8. Errors in input files name `path:line`, so a bad row in a 100k-line file can be found with `sed -n`. Rows
+UTF-8 (what each row kind holds: rows.py). Errors in input files name `path:line`, so a bad row in a 100k-line file can be found with `sed -n`. Rows
 are read as JSON has them, stricter than Python's json (no NaN, no lone surrogate: parse_json_line), so that a
 bad value is refused up front, not when a result holding it is written.
 """
@@ -16,6 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from minalign.errors import DataError
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -61,14 +63,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
         os.unlink(tmp)
         raise
     return path
-
-
-class DataError(ValueError):
-    """A bad line of an input file; str() is 'path:line: what is wrong'."""
-
-    def __init__(self, path: str | os.PathLike, line: int, message: str):
-        super().__init__(f"{path}:{line}: {message}")
-        self.path, self.line, self.message = str(path), line, message
 
 
 class _NotJson(ValueError):
@@ -193,41 +187,3 @@ def short_repr(value, limit: int = 80) -> str:
     """repr(value), cut to limit characters: an error message stays one readable line."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def prompt_of(row: dict) -> str | list[dict]:
-    """The prompt of a prompts.jsonl row: its "prompt" string or its "messages" list; ValueError if malformed.
-
-    Only the shape is checked here ("role"/"content" strings); which role sequences a template accepts is
-    chat.render_prompt's business. An "id", when present, must be a string or an integer.
-    """
-    if "id" in row and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
-        raise ValueError(f'"id" must be a string or an integer, got {short_repr(row["id"])}')
-    has_prompt, has_messages = "prompt" in row, "messages" in row
-    if has_prompt == has_messages:
-        raise ValueError('a row needs exactly one of "prompt" (a string) or "messages" (a list of '
-                         f'{{"role", "content"}} objects); got keys {sorted(row)}')
-    if has_prompt:
-        if not isinstance(row["prompt"], str):
-            raise ValueError(f'"prompt" must be a string, got {type(row["prompt"]).__name__}')
-        return row["prompt"]
-    return messages_of(row["messages"], "messages")
-
-
-def as_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
-    """A prompt as messages: a string is one user message; system, when given, goes first unless the prompt has a
-    system message of its own (a row's own wins)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if system is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system}, *messages]
-    return messages
-
-
-def messages_of(messages, key: str) -> list[dict]:
-    """messages, the value of field key, checked to be a non-empty list of {"role", "content"} strings."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f'"{key}" must be a non-empty list, got {short_repr(messages)}')
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise ValueError(f'{key}[{i}] must be an object with "role" and "content" strings, got {short_repr(m)}')
-    return messages

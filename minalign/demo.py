@@ -67,10 +67,12 @@ import sentencepiece as spm
 import torch
 
 import minalign
-from minalign.cli import CliError, changed_settings, run_lock
 from minalign.data import atomic_write, file_sha256, read_jsonl, write_jsonl
-from minalign.trainer import (DataSection, ModelSection, TrainConfig, TrainSection, run_settings, check_config,
-                              latest_checkpoint, train)
+from minalign.errors import ConfigError, RunError
+from minalign.examples import DataSection
+from minalign.runs import changed_settings, run_lock
+from minalign.train import ModelSection, TrainConfig, TrainSection, check_config, train
+from minalign.train_state import latest_checkpoint, run_settings
 
 TEMPLATE = "mistral"  # chat template of the policy and of both reward models
 OPERATIONS = {"add": ("plus", lambda a, b: a + b), "sub": ("minus", lambda a, b: a - b),
@@ -103,7 +105,7 @@ class DemoSection:
 
 
 def check(d: DemoSection) -> None:
-    """CliError naming each demo.<key> whose value is out of range."""
+    """ConfigError naming each demo.<key> whose value is out of range."""
     questions = (d.max_operand + 1) ** 2  # per source
     problems = {"demo.out is required": not d.out,
                 "demo.max_operand must be >= 1": d.max_operand < 1,
@@ -122,7 +124,7 @@ def check(d: DemoSection) -> None:
                 "demo.base_lr and teacher_lr must be > 0": not (d.base_lr > 0 and d.teacher_lr > 0)}
     bad = [msg for msg, wrong in problems.items() if wrong]
     if bad:
-        raise CliError("; ".join(bad))
+        raise ConfigError("; ".join(bad))
 
 
 # ------------------------------------------------------------------------------------------------------ the task
@@ -242,7 +244,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> minalign.Tokenizer:
             hard_vocab_limit=False,  # a small task (the tests') has fewer possible pieces: vocab_size is a ceiling
             num_threads=1)  # one thread: the same pieces on every machine
     except RuntimeError as e:  # e.g. fewer pieces than the text has characters
-        raise CliError(f"demo.vocab_size {vocab_size}: sentencepiece cannot train: {e}") from None
+        raise ConfigError(f"demo.vocab_size {vocab_size}: sentencepiece cannot train: {e}") from None
     return minalign.Tokenizer(spm.SentencePieceProcessor(model_proto=buf.getvalue()))
 
 
@@ -272,7 +274,7 @@ def sft(cfg: TrainConfig) -> Path:
     """Run (or resume) the SFT cfg describes with minalign's trainer; returns its final/ dir."""
     done = train(cfg, device=torch.device("cpu"))
     if done["stats"].truncated_prompts or done["stats"].truncated_responses:  # only a tiny demo.vocab_size can do it
-        raise CliError(f"{cfg.data.path}: rows longer than the demo models' context of {MAX_LENGTH} tokens; raise "
+        raise ConfigError(f"{cfg.data.path}: rows longer than the demo models' context of {MAX_LENGTH} tokens; raise "
                        f"demo.vocab_size")
     return done["final"]
 
@@ -304,7 +306,7 @@ def _settings(d: DemoSection) -> dict:
 
 
 def build(d: DemoSection, log=print) -> dict[str, Path]:
-    """_build (below), owning d.out meanwhile (cli.run_lock): two runs sharing a setup never build it at once."""
+    """_build (below), owning d.out meanwhile (runs.run_lock): two runs sharing a setup never build it at once."""
     with run_lock(Path(d.out), "demo.out", make_parent=True):
         return _build(d, log)
 
@@ -313,7 +315,7 @@ def _build(d: DemoSection, log=print) -> dict[str, Path]:
     """Build the demo's task, tokenizer and two models into d.out; return their paths:
     {"base": dir, "teacher": dir, "prompts": file, "eval": file}. Resumable: each artifact is skipped when it
     already exists; every artifact is written atomically (temp file/dir + os.replace), so a kill leaves no
-    half-written one; a killed model training resumes from its last checkpoint. CliError if d.out was built with
+    half-written one; a killed model training resumes from its last checkpoint. RunError if d.out was built with
     other settings (demo.json says which)."""
     check(d)
     out = Path(d.out)
@@ -323,7 +325,7 @@ def _build(d: DemoSection, log=print) -> dict[str, Path]:
         old = json.loads(stamp.read_text())
         diffs = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in _settings(d).items() if old.get(k) != v]
         if diffs:
-            raise CliError(f"{stamp}: {out} was built with other settings ({', '.join(diffs)}); delete it or "
+            raise RunError(f"{stamp}: {out} was built with other settings ({', '.join(diffs)}); delete it or "
                            f"choose another demo.out")
     else:
         atomic_write(stamp, json.dumps(_settings(d), indent=1) + "\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import json
 import os
 import signal
@@ -299,6 +300,13 @@ def fit_threads(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def release_memory() -> None:
+    """Give a dropped model's memory back before the next one is loaded (call after `del model`)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def is_main() -> bool:
     """Whether this process is rank 0 (or the only process)."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -326,28 +334,6 @@ def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     with _waiting():
         dist.all_reduce(out)
         return out.to(t.device)
-
-
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Shard a Transformer's weights over all ranks with FSDP2 (`fully_shard`), for a model too big for one
-    device: each rank keeps 1/world of every weight; a forward all-gathers one decoder layer at a time and
-    frees it again after use.
-
-    torchtitan's order: each decoder layer is its own unit, then the root takes what is left (embeddings, final
-    norm, lm_head). The root is not resharded after a forward, so `model.lm_head.weight` stays whole for the
-    log-prob head that runs after the forward (the log-prob kernel takes the weight, not the module).
-    The weights may sit on the CPU (a memory-mapped checkpoint): each fully_shard call copies one layer's weights
-    to the device and keeps this rank's shard of them, so the whole model never is on one device.
-    Every forward is then a collective: all ranks must call it the same number of times.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    return model
 
 
 def exit(code: int):

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from minalign.checkpoint import CheckpointError, load_weights, open_weights
-from minalign.rewards import prompt_messages
+from minalign.rows import response_texts, sample_prompt
 from minalign.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["PairRMConfig", "PairRM", "PairRanker", "PairRMReward", "load_pairrm", "pairrm_config_from_dir",
@@ -381,22 +381,10 @@ class PairRanker:
 def prompt_text(row: dict) -> str:
     """The source text of a samples row: a string prompt as it is; a messages list, one message its content,
     longer ones as "ROLE: content" lines (llm-blender's conversation form uses "USER:" lines)."""
-    messages = prompt_messages(row)
+    messages = sample_prompt(row)
     if len(messages) == 1:
         return messages[0]["content"]
     return "\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
-
-
-def response_texts(row: dict) -> list[str]:
-    responses = row.get("responses")
-    if not isinstance(responses, list) or not responses:
-        raise ValueError('a samples row needs a non-empty "responses" list')
-    out = []
-    for j, r in enumerate(responses):
-        if not (isinstance(r, dict) and isinstance(r.get("text"), str)):
-            raise ValueError(f'responses[{j}] needs a "text" string')
-        out.append(r["text"])
-    return out
 
 
 class PairRMReward:

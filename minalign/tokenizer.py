@@ -49,6 +49,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from minalign.data import atomic_write
+from minalign.errors import CheckpointError
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -364,8 +365,17 @@ def _declarations(name: str, obj: dict) -> tuple[list[_Decl], dict[str, str | No
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load ``tokenizer.model`` (or DeBERTa-v3's ``spm.model``) plus the added tokens declared by the JSON files of checkpoint directory ``path``."""
-    d = Path(path)
+    """Load ``tokenizer.model`` (or DeBERTa-v3's ``spm.model``) plus the added tokens declared by the JSON files of
+    checkpoint directory ``path``; a CheckpointError names the file and token at fault."""
+    try:
+        return _read(Path(path))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read(d: Path) -> Tokenizer:
     if not d.is_dir():
         raise FileNotFoundError(f"tokenizer directory {d} does not exist (or is not a directory)")
     # Mistral names its sentencepiece model tokenizer.model; DeBERTa-v3 (PairRM's backbone) names it spm.model.

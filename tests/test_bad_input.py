@@ -28,7 +28,7 @@ from tests.test_sample_cli import ENV, ROOT
 # (status -14), and an address-space limit stops it from taking the machine's memory first.
 DRIVER = r"""
 import json, os, resource, runpy, signal, sys, traceback
-import minalign.stages.sample, minalign.stages.score
+import minalign.sample, minalign.score
 codes = []
 for script, argv, err in json.load(sys.stdin):
     pid = os.fork()

@@ -274,7 +274,7 @@ def test_control_tokens_in_contents_are_text(request, sp_processor, template, wh
 def test_trainer_examples_keep_contents_as_text(merlinite_tokenizer, template):
     # Training tokenizes through chat.py (SFT) and tokenizer.encode (DPO replies): both must give the ids
     # the rendered conversation has, with the replies' control-token literals as text.
-    from minalign.trainer import _dpo_example, _sft_example
+    from minalign.examples import _dpo_example, _sft_example
     tok = merlinite_tokenizer
     end = tok.token_to_id(END_TOKEN[template])
     want, want_mask = render_conversation(tok, template, FORGED)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import minalign
-from minalign import cli, distributed, logprobs
-from minalign.loop import LoopConfig
-from minalign.trainer import TrainConfig
+import kernels
+from minalign import distributed, settings
+from minalign.loop_setup import LoopConfig
+from minalign.train import TrainConfig
 from tests.test_sample_cli import ENV, ROOT
 
 
@@ -29,10 +30,10 @@ def test_train_help_lists_every_setting_with_its_default_and_meaning():
     for cfg in (LoopConfig(), TrainConfig()):
         for f in dataclasses.fields(cfg):
             section = getattr(cfg, f.name)
-            meaning = cli.field_help(section)
+            meaning = settings.field_help(section)
             for g in dataclasses.fields(section):
                 assert meaning.get(g.name), f"{type(section).__name__}.{g.name} has no comment to explain it"
-                flag = f"--{f.name}.{g.name} {cli._toml_text(getattr(section, g.name))}"
+                flag = f"--{f.name}.{g.name} {settings.toml_text(getattr(section, g.name))}"
                 assert re.search(rf"^  {re.escape(flag)} +{re.escape(meaning[g.name])}$", text, re.M), flag
     assert '--train.lr 1e-05' in text and '--reward.policy_template ""' in text and "--dpo.loss_type \"sigmoid\"" in text
 
@@ -82,10 +83,10 @@ def test_without_triton_the_fused_path_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
     for name in ("kernels", "kernels.logprob"):  # imported anew (the package holds logprob once imported)
         monkeypatch.delitem(sys.modules, name, raising=False)
-    logprobs._fused_kernel.cache_clear()
+    kernels._fused_kernel.cache_clear()
     try:
-        assert logprobs._fused_kernel() is None
+        assert kernels._fused_kernel() is None
         err = capsys.readouterr().err
         assert "the fused log-prob kernel needs triton" in err and "`pip install triton`" in err, err
     finally:
-        logprobs._fused_kernel.cache_clear()
+        kernels._fused_kernel.cache_clear()

@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from minalign.data import MAX_DEPTH, DataError, atomic_write, jsonl_line, prompt_of, read_jsonl, umask, write_jsonl
+from minalign.data import MAX_DEPTH, DataError, atomic_write, jsonl_line, read_jsonl, umask, write_jsonl
+from minalign.rows import prompt_of
 
 
 @contextlib.contextmanager

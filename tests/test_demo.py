@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 import minalign
-from minalign import demo, trainer
+from minalign import demo, train_state
+from minalign import train as trainer
 from minalign.chat import end_token_id, render_prompt
-from minalign.cli import CliError
+from minalign.errors import MinalignError
 from minalign.data import read_jsonl
-from minalign.rewards import LogRatioReward
+from minalign.logratio import LogRatioReward
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
 
 # 75 questions (operands 0..4), 15 of them held out; builds in ~5 s on one thread (the defaults: 300 questions,
@@ -79,9 +80,9 @@ def test_accuracy_reads_the_ground_truth_from_the_prompt():
 
 
 def test_check_names_the_bad_keys():
-    with pytest.raises(CliError, match=r"demo.p_correct 0.97 · noisy_answers 12 must round to 1..11"):
+    with pytest.raises(MinalignError, match=r"demo.p_correct 0.97 · noisy_answers 12 must round to 1..11"):
         demo.check(demo.DemoSection(p_correct=0.97))
-    with pytest.raises(CliError, match=r"demo.eval_per_source must be in 1..24.*demo.hidden_size must be"):
+    with pytest.raises(MinalignError, match=r"demo.eval_per_source must be in 1..24.*demo.hidden_size must be"):
         demo.check(demo.DemoSection(max_operand=4, eval_per_source=25, hidden_size=60))
     demo.check(demo.DemoSection(**SMALL))
 
@@ -183,7 +184,7 @@ def test_build_resumes(built, tmp_path):
     assert {k: v for k, v in after.items() if not k.startswith(("teacher", "eval"))} == \
         {k: v for k, v in before.items() if not k.startswith(("teacher", "eval"))}
 
-    with pytest.raises(CliError, match=r"demo.json: .* other settings \(seed 0 -> 1\)"):
+    with pytest.raises(MinalignError, match=r"demo.json: .* other settings \(seed 0 -> 1\)"):
         demo.build(demo.DemoSection(out=str(copy), **{**SMALL, "seed": 1}))
 
 
@@ -202,7 +203,7 @@ def test_build_resumes_a_killed_training_from_its_checkpoint(built, tmp_path, mo
     kill_at(monkeypatch, "base.run", 150)  # checkpoints at steps 40, 80, 120; 30 steps lost
     with pytest.raises(Killed):
         demo.build(again, log=lambda line: None)
-    assert trainer.latest_checkpoint(copy / "base.run") == copy / "base.run" / "checkpoints" / "step_000120"
+    assert train_state.latest_checkpoint(copy / "base.run") == copy / "base.run" / "checkpoints" / "step_000120"
     capsys.readouterr()
 
     kill_at(monkeypatch, "teacher.run", 70)  # the base resumes and finishes, the teacher dies after step 40's save

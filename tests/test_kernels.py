@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import logprob
-from minalign.logprobs import token_logprobs_reference
+from kernels import token_logprobs_reference
 
 ON_GPU = torch.cuda.is_available()  # else tests/conftest.py has set TRITON_INTERPRET=1
 assert ON_GPU or os.environ.get("TRITON_INTERPRET") == "1", "the kernels need a GPU or the interpreter"

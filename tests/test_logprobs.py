@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import minalign
-from minalign.logprobs import token_logprobs_reference, token_logprobs_torch
+from kernels import token_logprobs_reference, token_logprobs_torch
 from tests.tiny import hf_tiny_checkpoint
 
 

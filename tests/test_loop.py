@@ -1,6 +1,7 @@
 """The alignment loop (minalign/loop.py): both recipes on tiny random models, resume at every stage boundary,
 selection against hand cases, prompt draws, user reward functions, and train.py's dispatch."""
 import json
+import shlex
 import struct
 from pathlib import Path
 
@@ -9,11 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 import minalign
+import sample as sample_cli
+import score as score_cli
 import train as train_cli
-from minalign.cli import CliError
+from minalign.errors import MinalignError
 from minalign.data import read_jsonl
-from minalign.loop import draw_prompts, load_loop_config, run_loop, split_pool, table
-from minalign.selection import candidates, select_best, select_pairs
+from minalign.evaluate import table
+from minalign.loop import run_loop
+from minalign.loop_setup import load_loop_config
+from minalign.prompts import draw_prompts, split_pool
+from minalign.select import candidates, select_best, select_pairs
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
 from tests.test_trainer import torchrun_train
 
@@ -134,6 +140,30 @@ def test_rejection_sampling_two_rounds(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("reference", ["previous", "initial"])
+def test_each_printed_stage_command_redoes_its_artifact_byte_for_byte(models, tmp_path, capsys):
+    """The loop prints each stage it runs as the command line that redoes it (settings.command_line, from the
+    stage's typed config); run as printed, into another output, each gives the loop's artifact byte for byte."""
+    run = tmp_path / "rs"
+    capsys.readouterr()
+    run_loop(config(models, run, recipe="iterative-dpo", **{"loop.rounds": 1, "loop.dpo_reference": "initial"}))
+    printed = [shlex.split(line.split("loop:   python ", 1)[1]) for line in capsys.readouterr().err.splitlines()
+               if line.startswith("loop:   python ")]
+    assert [argv[0] for argv in printed] == ["sample.py", "score.py", "sample.py", "score.py", "train.py"] * 1 + \
+        ["sample.py", "score.py", "sample.py", "score.py"], printed
+    mains = {"sample.py": sample_cli.main, "score.py": score_cli.main, "train.py": train_cli.main}
+    for argv in printed[:5]:  # round 0: its samples, scores, held-out samples and scores, and its training
+        script, flags = argv[0], argv[1:]
+        out_flag = "--train.out" if script == "train.py" else "--out"
+        i = flags.index(out_flag) + 1
+        theirs, ours = Path(flags[i]), tmp_path / "again" / Path(flags[i]).name
+        ours.parent.mkdir(exist_ok=True)
+        flags[i] = str(ours)
+        assert mains[script](flags) == 0, (script, capsys.readouterr().err)
+        if script == "train.py":  # the weights and their config, not the checkpoints' bookkeeping
+            theirs, ours = theirs / "final" / "model.safetensors", ours / "final" / "model.safetensors"
+        assert ours.read_bytes() == theirs.read_bytes(), (script, ours)
+
+
 def test_iterative_dpo_two_rounds(models, tmp_path, reference):
     cfg = config(models, tmp_path / "dpo", "iterative-dpo", **{"loop.dpo_reference": reference, "dpo.beta": 0.1})
     summary = run_loop(cfg)
@@ -182,7 +212,7 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_artifacts(models, tm
 def test_restart_with_other_settings_is_refused(models, tmp_path):
     cfg = config(models, tmp_path / "r", **{"loop.rounds": 1})
     run_loop(cfg)
-    with pytest.raises(CliError, match="other settings \\(sample.temperature\\)"):
+    with pytest.raises(MinalignError, match="other settings \\(sample.temperature\\)"):
         run_loop(config(models, tmp_path / "r", **{"loop.rounds": 1, "sample.temperature": 0.5}))
     # more rounds may be asked for: the finished ones are kept, one more is run
     summary = run_loop(config(models, tmp_path / "r", **{"loop.rounds": 2}))
@@ -200,10 +230,10 @@ def test_python_reward_function(models, tmp_path):
         assert [r["reward"] for r in row["responses"]] == [len(r["text"]) for r in row["responses"]]
     cfg = config(models, tmp_path / "py2", **{"loop.rounds": 1, "reward.kind": "python",
                                               "reward.function": f"{fn}:broken"})
-    with pytest.raises(CliError, match="broken: row 0 .* has 3 responses but got \\[1.0\\]"):
+    with pytest.raises(MinalignError, match="broken: row 0 .* has 3 responses but got \\[1.0\\]"):
         run_loop(cfg)
     cfg = config(models, tmp_path / "py3", **{"reward.kind": "python", "reward.function": f"{fn}:nothing"})
-    with pytest.raises(CliError, match="has no function 'nothing'"):
+    with pytest.raises(MinalignError, match="has no function 'nothing'"):
         run_loop(cfg)
 
 
@@ -253,16 +283,16 @@ def test_prompt_draws():
     assert draw_prompts(pool, 4, True, 0, 0) == r0  # deterministic
     train_rows, held = split_pool(pool, 3, 0)
     assert len(held) == 3 and not {r["id"] for r in held} & {r["id"] for r in train_rows}
-    with pytest.raises(CliError, match="eval_size 8 leaves no prompts"):
+    with pytest.raises(MinalignError, match="eval_size 8 leaves no prompts"):
         split_pool(pool, 8, 0)
 
 
 def test_bad_settings_and_prompts(models, tmp_path):
-    with pytest.raises(CliError, match="loop.recipe must be one of"):
+    with pytest.raises(MinalignError, match="loop.recipe must be one of"):
         config(models, tmp_path / "x", **{"loop.recipe": "ppo"})
-    with pytest.raises(CliError, match="sample.n must be >= 2"):
+    with pytest.raises(MinalignError, match="sample.n must be >= 2"):
         config(models, tmp_path / "x", **{"sample.n": 1})
-    with pytest.raises(CliError, match="unknown config key loop.round;"):
+    with pytest.raises(MinalignError, match="unknown config key loop.round;"):
         config(models, tmp_path / "x", **{"loop.round": 2})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
@@ -338,7 +368,7 @@ def test_torchrun_two_processes(models, tmp_path):
 def test_train_stop_after_is_continued_by_a_restart(models, tmp_path):
     """train.stop_after ends a round's training early on purpose; the loop says so and the restart goes on."""
     over = {"loop.rounds": 1, "loop.epochs": 3, "train.save_every": 1}
-    with pytest.raises(CliError, match="round 0: training stopped before its last step"):
+    with pytest.raises(MinalignError, match="round 0: training stopped before its last step"):
         run_loop(config(models, tmp_path / "s", **over, **{"train.stop_after": 1}))
     assert (tmp_path / "s" / "round_0" / "train" / "checkpoints").is_dir()  # kept: the restart needs them
     summary = run_loop(config(models, tmp_path / "s", **over))
@@ -358,7 +388,7 @@ def test_prompts_are_checked_before_any_work(models, tmp_path):
     bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "' + "word " * 300 + '"}\n')
     with pytest.raises(ValueError, match=f"{bad}:3: the prompt is .* exceeds the policy's context of 256"):
         run_loop(config(models, tmp_path / "r", **{"prompts.path": bad, "prompts.eval_size": 1}))
-    with pytest.raises(CliError, match="eval.metric: .* cannot import 'nowhere'"):
+    with pytest.raises(MinalignError, match="eval.metric: .* cannot import 'nowhere'"):
         run_loop(config(models, tmp_path / "r", **{"eval.metric": "nowhere:f"}))
     assert not (tmp_path / "r" / "loop.json").exists()
 
@@ -384,7 +414,7 @@ def test_every_setting_is_checked_before_any_work(models, tmp_path, key, value, 
     out = tmp_path / "run"
     over = {k: _toml(v) for k, v in tiny_settings(models, out).items()}
     over[key] = value
-    with pytest.raises(CliError) as e:
+    with pytest.raises(MinalignError) as e:
         run_loop(load_loop_config(None, list(over.items())))
     assert phrase in str(e.value), str(e.value)
     assert not out.exists()  # no loop.json, no round_0, not even an empty run dir

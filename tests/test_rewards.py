@@ -12,7 +12,7 @@ import torch
 
 import minalign
 from minalign.chat import render_prompt
-from minalign.rewards import LogRatioReward, check_same_tokenizer, cut_batches, log_ratio
+from minalign.logratio import LogRatioReward, check_same_tokenizer, cut_batches, log_ratio
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
 from tests.tiny import hf_tiny_checkpoint
 

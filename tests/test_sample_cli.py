@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import minalign
-from minalign.stages import sample
+import sample as sample_cli
+from minalign import sample
 from minalign.chat import render_prompt
 from minalign.progress import Progress
-from minalign.selection import best_index
+from minalign.select import best_index
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two cores: one thread per process, or OpenMP threads spin against each other (and against torchrun's ranks).
@@ -97,9 +98,9 @@ def args_for(model_dir, prompts, out, *extra, **flags) -> list[str]:
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
-    """(exit status, stderr) of sample.main(argv) in-process."""
+    """(exit status, stderr) of sample_cli.main(argv) in-process."""
     capsys.readouterr()
-    code = sample.main(argv)
+    code = sample_cli.main(argv)
     return code, capsys.readouterr().err
 
 
@@ -131,7 +132,7 @@ def reference(model_dir, tmp_path_factory):
     """(prompts file, output bytes) of one uninterrupted single-process run, shared by the comparisons."""
     d = tmp_path_factory.mktemp("reference")
     prompts = write_prompts(d / "prompts.jsonl", PROMPTS)
-    assert sample.main(args_for(model_dir, prompts, d / "out.jsonl")) == 0
+    assert sample_cli.main(args_for(model_dir, prompts, d / "out.jsonl")) == 0
     return prompts, (d / "out.jsonl").read_bytes()
 
 
@@ -256,7 +257,7 @@ def test_resume_after_sigkill(model_dir, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
     flags = dict(max_new_tokens=48, batch_size=2, num_samples=2)
     want = tmp_path / "want.jsonl"
-    assert sample.main(args_for(model_dir, prompts, want, **flags)) == 0
+    assert sample_cli.main(args_for(model_dir, prompts, want, **flags)) == 0
     out, partial = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
     proc = subprocess.Popen([sys.executable, "sample.py", *args_for(model_dir, prompts, out, **flags)], cwd=ROOT,
                             env=ENV, stderr=subprocess.PIPE)
@@ -354,7 +355,7 @@ def test_missing_paths(model_dir, reference, tmp_path, capsys):
 def test_bad_flags(model_dir, reference, tmp_path, capsys, flags, phrase):
     """One line naming the flag (no usage block above it), status 2."""
     prompts, _ = reference
-    code = sample.main(args_for(model_dir, prompts, tmp_path / "out.jsonl", **flags))
+    code = sample_cli.main(args_for(model_dir, prompts, tmp_path / "out.jsonl", **flags))
     err = capsys.readouterr().err
     assert code == 2 and phrase in err and err.count("\n") == 1, err
 
@@ -452,7 +453,7 @@ def test_best_of_keeps_the_highest_reward(model_dir, reference, tmp_path, capsys
     fn = tmp_path / "my_reward.py"
     fn.write_text("def vowels(rows):\n"
                   "    return [[sum(c in 'aeiou' for c in r['text']) for r in row['responses']] for row in rows]\n")
-    assert sample.main(best_of("best.jsonl", "--best-of", "3", "--reward", f"{fn}:vowels")) == 0
+    assert sample_cli.main(best_of("best.jsonl", "--best-of", "3", "--reward", f"{fn}:vowels")) == 0
     got = read_rows(tmp_path / "best.jsonl")
     assert len(got) == len(samples)
     for row, full in zip(got, samples):
@@ -462,14 +463,14 @@ def test_best_of_keeps_the_highest_reward(model_dir, reference, tmp_path, capsys
         assert row["responses"] == [{**full["responses"][pick], "reward": rewards[pick]}]
     # a log-ratio spec, reference-free: the reward is Σ log π of the response, which the sampler also reports
     spec = f"log-ratio:policy={model_dir},policy_template=merlinite"
-    assert sample.main(best_of("lr.jsonl", "--best-of", "3", "--reward", spec)) == 0
+    assert sample_cli.main(best_of("lr.jsonl", "--best-of", "3", "--reward", spec)) == 0
     for row, full in zip(read_rows(tmp_path / "lr.jsonl"), samples):
         assert row["rewards"] == pytest.approx([sum(r["logprobs"]) for r in full["responses"]], abs=1e-3)
     # mistakes are named
     for extra, phrase in [(["--best-of", "3"], "--best-of needs --reward"),
                           (["--reward", "x:y"], "--reward is for --best-of"),
                           (["--best-of", "3", "--reward", "x:y", "-n", "2"], "leave out -n")]:
-        assert sample.main(best_of("o.jsonl", *extra)) == 2
+        assert sample_cli.main(best_of("o.jsonl", *extra)) == 2
         assert phrase in capsys.readouterr().err
     code, err = run_main(best_of("o2.jsonl", "--best-of", "3", "--reward", "no_such_module:f"), capsys)
     assert code == 2 and "cannot import 'no_such_module'" in err, err  # found before any sampling

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 import minalign
-from minalign.stages import sample
-from minalign.stages import score
-from minalign.rewards import LogRatioReward
+import sample as sample_cli
+import score as score_cli
+from minalign import score
+from minalign import logratio
+from minalign.logratio import LogRatioReward
 from tests.test_sample_cli import ENV, PROMPTS, ROOT, assert_same_file, read_rows, tiny_checkpoint, torchrun, write_prompts
 from tests.test_sample_cli import args_for as sample_args
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread, as in the subprocesses)
@@ -56,7 +58,7 @@ def samples(tmp_path_factory, merlinite_tokenizer_dir):
     d = tmp_path_factory.mktemp("samples")
     sampler = tiny_checkpoint(tmp_path_factory.mktemp("sampler"), merlinite_tokenizer_dir, padding_logit=-16)
     prompts = write_prompts(d / "prompts.jsonl", PROMPTS)
-    assert sample.main(sample_args(sampler, prompts, d / "samples.jsonl")) == 0
+    assert sample_cli.main(sample_args(sampler, prompts, d / "samples.jsonl")) == 0
     return d / "samples.jsonl"
 
 
@@ -71,7 +73,7 @@ def args_for(models, samples, out, *extra, **flags) -> list[str]:
 
 def run_main(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
-    code = score.main(argv)
+    code = score_cli.main(argv)
     return code, capsys.readouterr().err
 
 
@@ -79,7 +81,7 @@ def run_main(argv, capsys) -> tuple[int, str]:
 def reference_run(models, samples, tmp_path_factory):
     """Output bytes of one uninterrupted single-process run, shared by the comparisons."""
     out = tmp_path_factory.mktemp("reference_run") / "scores.jsonl"
-    assert score.main(args_for(models, samples, out)) == 0
+    assert score_cli.main(args_for(models, samples, out)) == 0
     return out.read_bytes()
 
 
@@ -129,7 +131,7 @@ def test_resume_after_a_kill_between_the_passes(models, samples, reference_run, 
     """Ctrl-C as the reference is being loaded: the policy's log-probs are kept, and the resumed run loads only
     the reference and writes the uninterrupted file."""
     out, partial = tmp_path / "scores.jsonl", tmp_path / "scores.jsonl.partial"
-    real, loaded = score.load_model, []
+    real, loaded = logratio.load_scorer_model, []
 
     def load_model(scorer, *args):
         loaded.append(scorer.path)
@@ -137,7 +139,7 @@ def test_resume_after_a_kill_between_the_passes(models, samples, reference_run, 
             raise KeyboardInterrupt
         return real(scorer, *args)
 
-    monkeypatch.setattr(score, "load_model", load_model)
+    monkeypatch.setattr(logratio, "load_scorer_model", load_model)
     code, err = run_main(args_for(models, samples, out), capsys)
     assert code == 130 and "rerun with --resume" in err, err
     assert not out.exists()
@@ -156,7 +158,7 @@ def test_resume_after_a_kill_between_the_passes(models, samples, reference_run, 
 
 def test_resume_within_a_pass_with_a_torn_line(models, samples, reference_run, tmp_path, capsys, monkeypatch):
     out, partial = tmp_path / "scores.jsonl", tmp_path / "scores.jsonl.partial"
-    real, calls = score.batch_logprobs, [0]
+    real, calls = logratio.batch_logprobs, [0]
 
     def batch_logprobs(*args):
         calls[0] += 1
@@ -164,7 +166,7 @@ def test_resume_within_a_pass_with_a_torn_line(models, samples, reference_run, t
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(score, "batch_logprobs", batch_logprobs)
+    monkeypatch.setattr(logratio, "batch_logprobs", batch_logprobs)
     assert run_main(args_for(models, samples, out), capsys)[0] == 130
     monkeypatch.undo()
     lines = partial.read_bytes().splitlines(keepends=True)
@@ -180,7 +182,7 @@ def test_resume_within_a_pass_with_a_torn_line(models, samples, reference_run, t
 
     # Settings that change the sums are refused.
     assert run_main(args_for(models, samples, out, "--overwrite", policy_template="raw"), capsys)[0] == 0
-    monkeypatch.setattr(score, "batch_logprobs", batch_logprobs)
+    monkeypatch.setattr(logratio, "batch_logprobs", batch_logprobs)
     calls[0] = 0
     assert run_main(args_for(models, samples, tmp_path / "b.jsonl"), capsys)[0] == 130
     monkeypatch.undo()
@@ -266,8 +268,8 @@ def test_model_problems(models, mistral_models, samples, tmp_path, capsys):
 
 
 def test_a_non_finite_log_prob_is_an_error(models, samples, tmp_path, capsys, monkeypatch):
-    real = score.batch_logprobs
-    monkeypatch.setattr(score, "batch_logprobs", lambda *a: [v if k else float("nan") for k, v in enumerate(real(*a))])
+    real = logratio.batch_logprobs
+    monkeypatch.setattr(logratio, "batch_logprobs", lambda *a: [v if k else float("nan") for k, v in enumerate(real(*a))])
     code, err = run_main(args_for(models, samples, tmp_path / "out.jsonl"), capsys)
     assert code == 2 and f"{samples}:" in err and "the policy gives responses[" in err and "a log-prob of nan" in err, err
     assert err.count("\n") == 2 and err.startswith("score.py: policy "), err  # the start-up line, the error
@@ -287,7 +289,7 @@ def test_bad_flags(models, samples, tmp_path, capsys, change, phrase):
     if change[0].startswith("-") and not change[0].startswith("--"):
         at = argv.index("-" + change[0])
         argv[at:at + 2], change = [], ()
-    code = score.main(argv + list(change))
+    code = score_cli.main(argv + list(change))
     err = capsys.readouterr().err
     assert code == 2 and phrase in err and err.count("\n") == 1, err
 

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 
 import minalign
 import train as train_cli
-from minalign import trainer
-from minalign.cli import CliError
-from minalign.trainer import TrainingError, load_config
+from minalign import examples as train_data, train_state
+from minalign import train as trainer
+from minalign.errors import MinalignError
+from minalign.errors import TrainingError
+from minalign.train import load_config
 from tests.test_sample_cli import ENV, ROOT
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread, as in the subprocesses)
 
@@ -140,7 +142,7 @@ def test_parallel_settings_take_the_same_step(model_dir, sft_data, tmp_path):
 
 
 def read_cache(data: Path) -> tuple[dict, torch.Tensor, list[int]]:
-    rows = [json.loads(line) for line in trainer.reference_cache_path(data).read_text().splitlines()]
+    rows = [json.loads(line) for line in train_data.reference_cache_path(data).read_text().splitlines()]
     return rows[0], torch.tensor([[r["chosen"], r["rejected"]] for r in rows[1:]]), [r["line"] for r in rows[1:]]
 
 
@@ -183,13 +185,13 @@ def test_resume_continues_with_identical_losses(model_dir, dpo_data, tmp_path):
     straight = trainer.train(config(model_dir, dpo_data, tmp_path / "a", "dpo", steps=4, warmup_steps=1))
     first = trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=4, warmup_steps=1, stop_after=2))
     assert first["final"] is None and (tmp_path / "b" / "checkpoints" / "step_000002").is_dir()
-    with pytest.raises(CliError, match="resume"):  # a run dir is never overwritten by accident
+    with pytest.raises(MinalignError, match="resume"):  # a run dir is never overwritten by accident
         trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=4, warmup_steps=1))
-    with pytest.raises(CliError, match="train.lr"):
+    with pytest.raises(MinalignError, match="train.lr"):
         trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=4, warmup_steps=1, lr=2e-3,
                              resume=True))
     # More steps would stretch the cosine over them and raise the learning rate again: refused, with the way on.
-    with pytest.raises(CliError, match=r"\(train.steps\); resume with the same ones \(train.steps 4 then: the "
+    with pytest.raises(MinalignError, match=r"\(train.steps\); resume with the same ones \(train.steps 4 then: the "
                                        r"learning-rate schedule is laid over it; to train on, start a new run from "):
         trainer.train(config(model_dir, dpo_data, tmp_path / "b", "dpo", steps=8, warmup_steps=1, resume=True))
     metrics = tmp_path / "b" / "metrics.jsonl"  # a record torn by a full disk or a power loss: cut, as partials are
@@ -221,7 +223,7 @@ def test_resume_after_a_kill_in_the_final_export_writes_final(model_dir, sft_dat
     assert_same_weights(final_weights(tmp_path / "run"),
                         load_file(tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors"), tol=0)
     assert (tmp_path / "run" / "final" / "tokenizer.model").is_file()
-    with pytest.raises(CliError, match="has done 1 steps already"):  # with final/ in place: nothing left to do
+    with pytest.raises(MinalignError, match="has done 1 steps already"):  # with final/ in place: nothing left to do
         trainer.train(config(model_dir, sft_data, tmp_path / "run", resume=True))
 
 
@@ -231,9 +233,9 @@ def test_keep_checkpoints_prunes_the_oldest_by_step_number(model_dir, tmp_path):
     model = minalign.load_model(model_dir)
     optimizer = torch.optim.AdamW(model.parameters())
     for step in (999_999, 1_000_000, 1_000_001):
-        trainer.save_checkpoint(tmp_path, step, model, optimizer, {}, keep=2)
+        train_state.save_checkpoint(tmp_path, step, model, optimizer, {}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1000000", "step_1000001"]
-    assert trainer.latest_checkpoint(tmp_path).name == "step_1000001"
+    assert train_state.latest_checkpoint(tmp_path).name == "step_1000001"
 
 
 def test_sft_learns_and_exports_for_transformers(model_dir, sft_data, tmp_path):
@@ -262,7 +264,7 @@ def test_dpo_learns_and_caches_reference(model_dir, dpo_data, tmp_path, capsys, 
     assert losses[-1] < 0.5 * losses[0], losses
     last = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["reward_accuracy"] == 1.0 and last["reward_margin"] > 0
-    cache = trainer.reference_cache_path(dpo_data)
+    cache = train_data.reference_cache_path(dpo_data)
     assert json.loads(cache.read_text().splitlines()[0])["reference"] == str(model_dir.resolve())
     assert len(cache.read_text().splitlines()) == 1 + 16
     # The second run with the same data and reference reads the cache: no reference model is loaded.
@@ -284,11 +286,11 @@ def test_mixtral_router_loss_is_trained_and_logged(merlinite_tokenizer_dir, sft_
 
 def test_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     empty = write_rows(tmp_path / "empty.jsonl", [])
-    with pytest.raises(CliError, match="no usable rows"):
+    with pytest.raises(MinalignError, match="no usable rows"):
         trainer.train(config(model_dir, empty, tmp_path / "r0"))
     missing = write_rows(tmp_path / "missing.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                      {"prompt": "a", "chosen": "b"}])
-    with pytest.raises(CliError, match=r"missing.jsonl:2: .*rejected"):
+    with pytest.raises(MinalignError, match=r"missing.jsonl:2: .*rejected"):
         trainer.train(config(model_dir, missing, tmp_path / "r1", "dpo"))
     rows = [{"prompt": sentence(i, 2), "chosen": "the cat", "rejected": "the dog"} for i in range(4)]
     rows += [{"prompt": "x", "chosen": "same", "rejected": "same"},
@@ -296,7 +298,7 @@ def test_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     data = write_rows(tmp_path / "odd.jsonl", rows)
     cfg = config(model_dir, data, tmp_path / "r2", "dpo")
     cfg.data.max_length, cfg.data.max_prompt_length = 96, 80
-    examples, stats = trainer.load_examples(cfg, minalign.load_tokenizer(model_dir))
+    examples, stats = train_data.load_examples(cfg.data, cfg.train.mode, cfg.model.template, minalign.load_tokenizer(model_dir))
     assert (stats.skipped_identical, stats.truncated_prompts, stats.truncated_responses) == (1, 1, 1)
     assert len(examples) == 5 and max(e.length() for e in examples) == 96
     long = examples[-1]
@@ -369,14 +371,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(model_dir, sft_da
     """safetensors' writer raises its own error on a full disk (ENOSPC), not an OSError; and a bad row's hint names
     train.py's own switch."""
     from safetensors import SafetensorError
-    real, calls = trainer.save_file, []
+    real, calls = train_state.save_file, []
 
     def save_file(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(*args, **kwargs)
-    monkeypatch.setattr(trainer, "save_file", save_file)
+    monkeypatch.setattr(train_state, "save_file", save_file)
     capsys.readouterr()
     assert train_cli.main(cli_args(model_dir, sft_data, tmp_path / "run", steps=4, save_every=2)) == 2
     err = capsys.readouterr().err

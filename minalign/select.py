@@ -1,4 +1,8 @@
-"""Selection: which sampled responses a round trains on, and which one best-of-N returns.
+"""The select stage: which sampled responses a round trains on (scores.jsonl -> train.jsonl), and which one
+best-of-N returns.
+
+    rejection-sampling (Merlinite-7B-pt): each prompt's highest-reward candidate  -> SFT rows {"prompt", "response"}
+    iterative-dpo (Snorkel): the top-ranked candidate vs the bottom-ranked        -> DPO rows {"prompt", "chosen", "rejected"}
 
 Rows are score stage rows: {"id", "prompt", "responses": [{"text", "finish_reason", "reward", ...}, ...]}.
 A candidate is a response that is not empty and that the model ended itself: a response cut at max_new_tokens
@@ -6,7 +10,19 @@ A candidate is a response that is not empty and that the model ended itself: a r
 """
 from __future__ import annotations
 
-from minalign.data import as_messages
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from minalign.data import atomic_write, read_jsonl, write_jsonl
+from minalign.errors import MinalignError
+from minalign.rows import training_prompt
+
+
+@dataclass
+class SelectSection:
+    keep_truncated: bool = False  # let responses cut at max_new_tokens be selected (they would be trained to end)
+    min_margin: float = 0.0  # iterative-dpo: skip a prompt whose top and bottom rewards differ by this or less
 
 
 def candidates(row: dict, keep_truncated: bool = False) -> list[int]:
@@ -14,11 +30,6 @@ def candidates(row: dict, keep_truncated: bool = False) -> list[int]:
     and, unless keep_truncated, ended by the model ("stop") rather than cut at max_new_tokens ("length")."""
     return [j for j, r in enumerate(row["responses"]) if r["text"].strip()
             and (keep_truncated or r.get("finish_reason") != "length")]
-
-
-def _prompt(row: dict, system: str):
-    """The prompt of a samples row for a training row: as sampled, with the system message sampling added."""
-    return as_messages(row["prompt"], system) if system else row["prompt"]
 
 
 def select_best(rows: list[dict], keep_truncated: bool = False, system: str = "") -> tuple[list[dict], dict]:
@@ -32,7 +43,7 @@ def select_best(rows: list[dict], keep_truncated: bool = False, system: str = ""
             continue
         best = max(cands, key=lambda j: (row["responses"][j]["reward"], -j))
         r = row["responses"][best]
-        out.append({"id": row["id"], "prompt": _prompt(row, system), "response": r["text"], "reward": r["reward"]})
+        out.append({"id": row["id"], "prompt": training_prompt(row, system), "response": r["text"], "reward": r["reward"]})
     return out, {"prompts": len(rows), "selected": len(out), "no_candidate": none}
 
 
@@ -53,7 +64,7 @@ def select_pairs(rows: list[dict], keep_truncated: bool = False, min_margin: flo
         if reward[top] - reward[bottom] <= min_margin:
             tied += 1
             continue
-        out.append({"id": row["id"], "prompt": _prompt(row, system), "chosen": row["responses"][top]["text"],
+        out.append({"id": row["id"], "prompt": training_prompt(row, system), "chosen": row["responses"][top]["text"],
                     "rejected": row["responses"][bottom]["text"], "chosen_reward": reward[top],
                     "rejected_reward": reward[bottom]})
     return out, {"prompts": len(rows), "selected": len(out), "no_candidate": none, "tied": tied}
@@ -64,3 +75,20 @@ def best_index(row: dict) -> int:
     response of all."""
     cands = candidates(row) or list(range(len(row["responses"])))
     return max(cands, key=lambda j: (row["responses"][j]["reward"], -j))
+
+
+def select(cfg: SelectSection, recipe: str, scores: Path, out: Path, system: str = "") -> dict:
+    """The stage: the training rows of a scores file for recipe ("rejection-sampling" or "iterative-dpo") into out,
+    and their counts into selection.json beside it (which it returns); system: the system message sampling added
+    to the prompts, which the training rows keep."""
+    rows = [row for _, row in read_jsonl(scores)]
+    if recipe == "rejection-sampling":
+        picked, stats = select_best(rows, cfg.keep_truncated, system)
+    else:
+        picked, stats = select_pairs(rows, cfg.keep_truncated, cfg.min_margin, system)
+    if not picked:
+        raise MinalignError(f"no prompt of {scores} gave a training row ({stats}); all samples empty, truncated or "
+                            f"tied? (raise sample.max_new_tokens)")
+    atomic_write(out.parent / "selection.json", json.dumps(stats) + "\n")
+    write_jsonl(out, picked)  # last: its existence marks the stage done
+    return stats
