@@ -223,25 +223,9 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> i
     model = distributed.fit_threads(minalign.load_model(cfg.model, dtype=getattr(torch, dtype), device=device,
                                                        check_finite=True).eval())
 
-    bar = Progress(sum(map(len, todo)), enabled=main_rank)
-    start, generated = time.perf_counter(), 0
+    start = time.perf_counter()
     with partials.appender() as append:
-        for i, batch in enumerate(todo):
-            distributed.doing(f"sampling batch {i + 1}/{len(todo)}")  # for the frozen-rank message
-            results = generate(model, [j.ids for j in batch], n=s.n, max_new_tokens=s.max_new_tokens,
-                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                               stop_token_ids=stop_ids, stop_strings=cfg.stop, tokenizer=tokenizer,
-                               seed=cfg.seed, prompt_keys=[j.line for j in batch], compile=cfg.compile,
-                               progress=lambda k: bar.advance(tokens=k))
-            lines = []
-            for job, samples in zip(batch, results):
-                responses = [{"text": x.text, "token_ids": x.token_ids, "logprobs": x.logprobs,
-                              "finish_reason": x.finish_reason} for x in samples]
-                lines.append(jsonl_line({"line": job.line, "row": {**job.row, "responses": responses}}))
-                generated += sum(len(x.token_ids) for x in samples)
-            append(lines)  # once per batch: a kill loses at most the batch in flight
-            bar.advance(items=len(batch))
-    bar.close()
+        generated = sample_batches(model, tokenizer, stop_ids, todo, cfg, append)
     elapsed = time.perf_counter() - start
 
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
@@ -258,6 +242,30 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> i
     # (seen with gloo: "terminate called without an active exception").
     distributed.barrier()
     return 0
+
+
+def sample_batches(model, tokenizer, stop_ids: list[int], batches: list[list[Job]], cfg: SampleConfig, append) -> int:
+    """Sample every batch of jobs, appending each batch's finished rows (append: the partial file's); returns the
+    tokens generated."""
+    s, generated = cfg.sample, 0
+    bar = Progress(sum(map(len, batches)), enabled=distributed.is_main())
+    for i, batch in enumerate(batches):
+        distributed.doing(f"sampling batch {i + 1}/{len(batches)}")  # for the frozen-rank message
+        results = generate(model, [j.ids for j in batch], n=s.n, max_new_tokens=s.max_new_tokens,
+                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                           stop_token_ids=stop_ids, stop_strings=cfg.stop, tokenizer=tokenizer,
+                           seed=cfg.seed, prompt_keys=[j.line for j in batch], compile=cfg.compile,
+                           progress=lambda k: bar.advance(tokens=k))
+        lines = []
+        for job, samples in zip(batch, results):
+            responses = [{"text": x.text, "token_ids": x.token_ids, "logprobs": x.logprobs,
+                          "finish_reason": x.finish_reason} for x in samples]
+            lines.append(jsonl_line({"line": job.line, "row": {**job.row, "responses": responses}}))
+            generated += sum(len(x.token_ids) for x in samples)
+        append(lines)  # once per batch: a kill loses at most the batch in flight
+        bar.advance(items=len(batch))
+    bar.close()
+    return generated
 
 
 def merge(partials: Partials, jobs: list[Job], reward=None, spec: str = "") -> list[dict]:

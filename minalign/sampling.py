@@ -172,6 +172,43 @@ def _compiled_decode(device: torch.device):
     return _COMPILED[device.type]
 
 
+def _check(model: Transformer, prompts, n, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer):
+    """ValueError for settings generate cannot honour."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+    if n < 1 or max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"bad sampling settings: n={n}, max_new_tokens={max_new_tokens}, "
+                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to read the generated text")
+    longest, context = max(map(len, prompts)), model.config.max_position_embeddings
+    if longest + max_new_tokens > context:
+        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
+                         f"of {context}")
+
+
+def _prefill(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int,
+             device: torch.device) -> tuple[KVCache, Tensor]:
+    """(the KV cache, the next-token logits [B·n, V]) after one forward over the left-padded prompts, so that
+    every row's next token goes to the same step; the n samples of a prompt share its prefill (rows b·n ..
+    b·n + n − 1 are copies of prompt b)."""
+    cfg, B, longest = model.config, len(prompts), max(map(len, prompts))
+    tokens = torch.zeros(B, longest, dtype=torch.long)
+    mask = torch.zeros(B, longest, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, longest - len(p):] = torch.tensor(p)
+        mask[b, longest - len(p):] = 1
+    size = longest + max_new_tokens
+    if cfg.sliding_window is not None:
+        size = min(size, cfg.sliding_window)
+    cache = KVCache(cfg, B, size, device, model.lm_head.weight.dtype)
+    hidden = model(tokens.to(device), mask.to(device) if mask.eq(0).any() else None, cache=cache, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1]).float()  # only the last position is needed: [B, V]
+    rows = torch.arange(B, device=device).repeat_interleave(n)
+    cache.select(rows)
+    return cache, logits[rows]
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_token_ids=(), stop_strings=(),
@@ -187,42 +224,15 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     compile: run decode steps through torch.compile (CUDA graphs on GPU). Shapes then stay fixed: finished
     rows stay in the batch (their results are ignored) instead of leaving it.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and every prompt at least one token")
-    if n < 1 or max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"bad sampling settings: n={n}, max_new_tokens={max_new_tokens}, "
-                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to read the generated text")
-    cfg = model.config
-    longest = max(map(len, prompts))
-    if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "
-                         f"of {cfg.max_position_embeddings}")
+    _check(model, prompts, n, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
     if tokenizer is not None:  # a stop string that is an added token ("<|user|>") is that token: stop on its id
         stop_token_ids = [*stop_token_ids, *(tokenizer.added_tokens[s] for s in stop_strings if s in tokenizer.added_tokens)]
         stop_strings = [s for s in stop_strings if s not in tokenizer.added_tokens]
     keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     device = model.lm_head.weight.device
 
-    # Left-pad the prompts so that every row's next token goes to the same step.
     B = len(prompts)
-    tokens = torch.zeros(B, longest, dtype=torch.long)
-    mask = torch.zeros(B, longest, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, longest - len(p):] = torch.tensor(p)
-        mask[b, longest - len(p):] = 1
-    size = longest + max_new_tokens
-    if cfg.sliding_window is not None:
-        size = min(size, cfg.sliding_window)
-    cache = KVCache(cfg, B, size, device, model.lm_head.weight.dtype)
-    hidden = model(tokens.to(device), mask.to(device) if mask.eq(0).any() else None, cache=cache, return_hidden=True)
-    logits = model.lm_head(hidden[:, -1]).float()  # only the last position is needed: [B, V]
-
-    # The n samples of a prompt share its prefill: rows b*n .. b*n+n-1 are copies of prompt b.
-    rows = torch.arange(B, device=device).repeat_interleave(n)
-    cache.select(rows)
-    logits = logits[rows]
+    cache, logits = _prefill(model, prompts, n, max_new_tokens, device)
     rngs = [random.Random(f"{seed}/{keys[r // n]}/{r % n}") for r in range(B * n)]
     out_ids: list[list[int]] = [[] for _ in range(B * n)]
     out_logprobs: list[list[float]] = [[] for _ in range(B * n)]

@@ -43,18 +43,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
 from minalign.data import atomic_write
 from minalign.errors import CheckpointError
+from minalign.tokenizer_files import ROLES, Decl, declarations, read_json
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
-# The special-token roles a checkpoint may name (keys of tokenizer_config.json / special_tokens_map.json).
-ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 # The names a checkpoint gives its sentencepiece model, in the order they are looked for.
 SP_MODEL_FILES = ("tokenizer.model", "spm.model")
 
@@ -289,81 +287,6 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-# ===================================================================== loading
-@dataclass
-class _Decl:
-    """One file's statement about an added token: its content, id (None if only named) and specialness."""
-
-    content: str
-    id: int | None
-    special: bool
-    source: str  # file name, for error messages
-
-
-def _read_json(path: Path) -> dict | None:
-    """Parsed JSON object of ``path``, or None if the file does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _content(value, source: str, key: str) -> str | None:
-    """A token given as a string or as a dict with "content" (Hugging Face writes both)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise ValueError(f"{source}: {key} must be a string or an object with a 'content' string, got {value!r}")
-
-
-def _as_id(value, source: str, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-        raise ValueError(f"{source}: {key} must be an integer token id, got {value!r}")
-    return int(value)
-
-
-def _declarations(name: str, obj: dict) -> tuple[list[_Decl], dict[str, str | None]]:
-    """The added tokens and special-token roles one JSON file declares."""
-    decls: list[_Decl] = []
-    if name == "tokenizer.json":
-        entries = obj.get("added_tokens") or []
-        if not isinstance(entries, list):
-            raise ValueError(f"{name}: 'added_tokens' must be a list")
-        for k, e in enumerate(entries):
-            if not isinstance(e, dict) or not isinstance(e.get("content"), str):
-                raise ValueError(f"{name}: added_tokens[{k}] needs a 'content' string, got {e!r}")
-            decls.append(_Decl(e["content"], _as_id(e.get("id"), name, f"added_tokens[{k}].id"),
-                               bool(e.get("special", False)), name))
-        return decls, {}
-    if name == "added_tokens.json":
-        for content, i in obj.items():
-            decls.append(_Decl(content, _as_id(i, name, repr(content)), False, name))
-        return decls, {}
-    # tokenizer_config.json and special_tokens_map.json name roles and additional special tokens.
-    if name == "tokenizer_config.json":
-        decoder = obj.get("added_tokens_decoder") or {}
-        if not isinstance(decoder, dict):
-            raise ValueError(f"{name}: 'added_tokens_decoder' must be an object")
-        for i, e in decoder.items():
-            content = _content(e, name, f"added_tokens_decoder[{i!r}]")
-            special = bool(e.get("special", False)) if isinstance(e, dict) else False
-            decls.append(_Decl(content, _as_id(i, name, f"added_tokens_decoder key {i!r}"), special, name))
-    roles = {r: _content(obj[r], name, r) for r in ROLES if r in obj}
-    extra = obj.get("additional_special_tokens") or []
-    if not isinstance(extra, list):
-        raise ValueError(f"{name}: 'additional_special_tokens' must be a list")
-    named = [c for c in roles.values() if c is not None]
-    named += [_content(v, name, f"additional_special_tokens[{k}]") for k, v in enumerate(extra)]
-    decls += [_Decl(c, None, True, name) for c in named]
-    return decls, roles
-
-
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load ``tokenizer.model`` (or DeBERTa-v3's ``spm.model``) plus the added tokens declared by the JSON files of
     checkpoint directory ``path``; a CheckpointError names the file and token at fault."""
@@ -388,16 +311,16 @@ def _read(d: Path) -> Tokenizer:
         sp.load(str(model_file))
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{model_file} is not a sentencepiece model: {e}") from None
-    decls: list[_Decl] = []
+    decls: list[Decl] = []
     roles: dict[str, tuple[str | None, str]] = {}  # role -> (content, file that named it)
     config: dict = {}
     for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
-        obj = _read_json(d / name)
+        obj = read_json(d / name)
         if obj is None:
             continue
         if name == "tokenizer_config.json":
             config = obj
-        file_decls, file_roles = _declarations(name, obj)
+        file_decls, file_roles = declarations(name, obj)
         decls += file_decls
         for role, content in file_roles.items():
             # An explicit null ("no pad token") yields to a file that names the token.

@@ -195,6 +195,19 @@ def open_policy(cfg: TrainConfig):
     return tokenizer
 
 
+def _reference(cfg: TrainConfig, examples: list[Example], world: int, rank: int, device: torch.device, autocast):
+    """DPO's reference log-prob sums [N, 2] (chosen, rejected) on the device: from the cache beside the data file,
+    or computed by the reference model (the initial policy unless model.reference) and cached."""
+    reference = Path(cfg.model.reference or cfg.model.path)
+    ref, cached = reference_logprobs(reference, cfg.model.template, cfg.data, cfg.train.micro_batch_size,
+                                     cfg.train.parallel == "fsdp" and world > 1, examples, world, rank, device,
+                                     autocast)
+    if distributed.is_main():
+        print(f"train.py: reference log-probs {'from the cache' if cached else 'computed and cached'} in "
+              f"{reference_cache_path(Path(cfg.data.path))}", file=sys.stderr)
+    return ref.to(device)
+
+
 def _policy(cfg: TrainConfig, ckpt: Path | None, world: int, device: torch.device):
     """(the policy as trained on this rank, its AdamW, the router aux loss's weight): from the checkpoint being
     resumed (optimizer state too), else the initial policy; fp32 master weights."""
@@ -218,6 +231,23 @@ def train(cfg: TrainConfig, rank: int = 0, world: int = 1, device: torch.device 
         return _train(cfg, rank, world, device or torch.device("cpu"))
 
 
+def _open_run(cfg: TrainConfig, run: Path, world: int):
+    """(tokenizer, examples, data stats, the run's settings, the checkpoint to resume or None, its step): the
+    policy and data checked and read, and a run dir's checkpoints checked against train.resume and the settings.
+    A finished run is refused; one killed between its last checkpoint and final/ gives start == train.steps."""
+    t = cfg.train
+    if latest_checkpoint(run) is not None and not t.resume:
+        raise RunError(f"{run} holds a run already ({latest_checkpoint(run)}); set train.resume = true "
+                       f"(--train.resume true) to continue it, or choose another train.out")
+    tokenizer = open_policy(cfg)
+    examples, stats = load_examples(cfg.data, t.mode, cfg.model.template, tokenizer)
+    settings = {**run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
+    ckpt, start = resume_point(run, settings)
+    if start >= t.steps and not (start == t.steps and ckpt is not None and not (run / "final").is_dir()):
+        raise RunError(f"{run} has done {start} steps already (train.steps = {t.steps})")
+    return tokenizer, examples, stats, settings, ckpt, start
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     t, run, main = cfg.train, Path(cfg.train.out), distributed.is_main()
     if t.batch_size % (world * t.micro_batch_size):
@@ -231,21 +261,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    if latest_checkpoint(run) is not None and not t.resume:
-        raise RunError(f"{run} holds a run already ({latest_checkpoint(run)}); set train.resume = true "
-                       f"(--train.resume true) to continue it, or choose another train.out")
-    tokenizer = open_policy(cfg)
-    examples, stats = load_examples(cfg.data, t.mode, cfg.model.template, tokenizer)
-    settings = {**run_settings(cfg, world), "data_sha256": file_sha256(Path(cfg.data.path))}
-    ckpt, start = resume_point(run, settings)
-    if start == t.steps and ckpt is not None and not (run / "final").is_dir():
+    tokenizer, examples, stats, settings, ckpt, start = _open_run(cfg, run, world)
+    if start == t.steps:
         # killed after the last checkpoint but before final/ was in place: finish the export, train nothing
         final = write_final(run, tokenizer)
         if main:
             print(f"train.py: {start} steps were done already; wrote the missing {final}", file=sys.stderr)
         return {"step": start, "losses": [], "final": final, "stats": stats}
-    if start >= t.steps:
-        raise RunError(f"{run} has done {start} steps already (train.steps = {t.steps})")
     if main:
         run.mkdir(parents=True, exist_ok=True)
         identical = f" and {stats.skipped_identical} with chosen identical to rejected" if t.mode == "dpo" else ""
@@ -254,15 +276,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
               f"responses), {world} process(es), {accum} micro-batch(es) of {t.micro_batch_size} per step",
               file=sys.stderr)
 
-    ref = None
-    if t.mode == "dpo":
-        reference = Path(cfg.model.reference or cfg.model.path)
-        ref, cached = reference_logprobs(reference, cfg.model.template, cfg.data, t.micro_batch_size,
-                                         t.parallel == "fsdp" and world > 1, examples, world, rank, device, autocast)
-        if main:
-            print(f"train.py: reference log-probs {'from the cache' if cached else 'computed and cached'} in "
-                  f"{reference_cache_path(Path(cfg.data.path))}", file=sys.stderr)
-        ref = ref.to(device)
+    ref = _reference(cfg, examples, world, rank, device, autocast) if t.mode == "dpo" else None
     model, optimizer, coef = _policy(cfg, ckpt, world, device)
     if main:
         rewind_metrics(run, ckpt, start)

@@ -139,7 +139,6 @@ def test_rejection_sampling_two_rounds(models, tmp_path, capsys):
     assert run_loop(cfg) == summary
 
 
-@pytest.mark.parametrize("reference", ["previous", "initial"])
 def test_each_printed_stage_command_redoes_its_artifact_byte_for_byte(models, tmp_path, capsys):
     """The loop prints each stage it runs as the command line that redoes it (settings.command_line, from the
     stage's typed config); run as printed, into another output, each gives the loop's artifact byte for byte."""
@@ -164,6 +163,7 @@ def test_each_printed_stage_command_redoes_its_artifact_byte_for_byte(models, tm
         assert ours.read_bytes() == theirs.read_bytes(), (script, ours)
 
 
+@pytest.mark.parametrize("reference", ["previous", "initial"])
 def test_iterative_dpo_two_rounds(models, tmp_path, reference):
     cfg = config(models, tmp_path / "dpo", "iterative-dpo", **{"loop.dpo_reference": reference, "dpo.beta": 0.1})
     summary = run_loop(cfg)

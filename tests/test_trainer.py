@@ -1,4 +1,4 @@
-"""train.py / minalign.trainer on tiny models: parallel settings take the same step, resume continues exactly,
+"""train.py / minalign.train on tiny models: parallel settings take the same step, resume continues exactly,
 SFT and DPO learn, the exported model is what transformers computes, and bad input is reported.
 
 Equal-step tolerance: after one AdamW step (lr 1e-3, so each weight moves ~1e-3) the parameters of every
