@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, rank: int, world: int, device) -> int:
+def run(args: argparse.Namespace, rank: int, world: int, device) -> None:
     if args.demo is not None:
         if world > 1:
             raise ConfigError("the demo runs in one process: python train.py, not torchrun")
@@ -95,7 +95,6 @@ def run(args: argparse.Namespace, rank: int, world: int, device) -> int:
     else:
         train(args.cfg, rank, world, device)
     distributed.barrier()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Callable
 
@@ -82,7 +83,7 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
     """A command's main: parse argv into its config, join torchrun's process group (if any), run(cfg, rank, world,
     device) — the config has .device and .out.
 
-    Returns the exit status: run's (0), 2 with one line on stderr for a MinalignError (or an OSError: a full disk,
+    Returns the exit status: 0 when run returns, 2 with one line on stderr for a MinalignError (or an OSError: a full disk,
     a read-only dir), 130 on Ctrl-C. kept: what an interrupted run keeps in its partial file ("finished
     prompts"), for the message; interrupted: the whole message after "interrupted; " instead (or a function of
     the config giving it), for a command that keeps no partial file.
@@ -92,10 +93,15 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
     except MinalignError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    rank, world, device = distributed.init(cfg.device)
+    try:
+        rank, world, device = distributed.init(cfg.device)
+    except MinalignError as e:  # before the process group exists (a bad MINALIGN_HEARTBEAT_TIMEOUT)
+        print(f"{prog}: [rank {os.environ.get('RANK')}] error: {e}", file=sys.stderr)
+        return 2
     where = f"[rank {rank}] " if world > 1 else ""
     try:
-        return run(cfg, rank, world, device)
+        run(cfg, rank, world, device)
+        return 0
     except (MinalignError, OSError, SafetensorError) as e:  # safetensors' writer raises its own error for a full
         # disk (files it reads are checked before any work): what was finished is kept
         print(f"{prog}: {where}error: {e}", file=sys.stderr)

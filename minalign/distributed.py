@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minalign.errors import ConfigError
+
 
 def init(device: str | None = None) -> tuple[int, int, torch.device]:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU); return (rank, world_size, device).
@@ -39,11 +41,7 @@ def init(device: str | None = None) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, torch.device(kind)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    try:
-        timeout = heartbeat_timeout()
-    except ValueError as e:  # before the process group exists, so a plain exit is clean
-        print(f"{_prog()}: [rank {rank}] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    timeout = heartbeat_timeout()  # a ConfigError before the process group exists, so a plain exit is clean
     dev = torch.device(kind, local_rank) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(dev)
@@ -88,7 +86,7 @@ def _waiting():
 
 
 def heartbeat_timeout() -> float:
-    """MINALIGN_HEARTBEAT_TIMEOUT in seconds (HEARTBEAT_TIMEOUT if unset; 0: no watchdog); ValueError if bad."""
+    """MINALIGN_HEARTBEAT_TIMEOUT in seconds (HEARTBEAT_TIMEOUT if unset; 0: no watchdog); ConfigError if bad."""
     text = os.environ.get("MINALIGN_HEARTBEAT_TIMEOUT", "").strip()
     if not text:
         return HEARTBEAT_TIMEOUT
@@ -99,7 +97,7 @@ def heartbeat_timeout() -> float:
     # Under a second, a beat every timeout/4 s is late whenever a thread waits a moment for the GIL: a healthy
     # job would be ended.
     if not (value == 0 or 1 <= value < float("inf")):
-        raise ValueError(f"MINALIGN_HEARTBEAT_TIMEOUT={text!r}: expected 0 (the frozen-rank watchdog off) or "
+        raise ConfigError(f"MINALIGN_HEARTBEAT_TIMEOUT={text!r}: expected 0 (the frozen-rank watchdog off) or "
                          f"seconds, at least 1")
     return value
 

@@ -3,14 +3,16 @@ the problem is (a file:line, a settings key or flag, a directory); only the comm
 turn it into `prog: error: <message>` and exit status 2. Library code raises these and never prints or exits.
 
     MinalignError
-    ├── ConfigError      a setting or a flag out of range or missing (names the key: "train.lr", "--top-p")
+    ├── ConfigError      a setting or a flag out of range or missing (names the key: "train.lr", "--top-p") — also
+    │                    a ValueError
     ├── DataError        a row of an input file (names path:line)           — also a ValueError
     ├── CheckpointError  a checkpoint dir (names the file or the keys)      — also a ValueError
     ├── RunError         an output or run dir: in use, finished, or holding another run's files
+    ├── RewardError      a reward source that cannot be imported, or whose answer is malformed — also a ValueError
     └── TrainingError    training cannot go on (a non-finite loss); nothing of the failed step is saved
 
-DataError and CheckpointError are also ValueErrors, so a caller that checks a value (a prompt rendered in a
-template, a config.json) catches one family.
+All but RunError and TrainingError are also ValueErrors, so a caller that checks a value (a prompt rendered in a
+template, a config.json, a setting) catches one family.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class MinalignError(Exception):
     """A problem the user can fix; str() is one line that says where and what."""
 
 
-class ConfigError(MinalignError):
+class ConfigError(MinalignError, ValueError):
     """A setting (TOML key, override or flag) that is missing, of the wrong type or out of range."""
 
 

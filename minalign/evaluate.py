@@ -15,10 +15,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from minalign.data import atomic_write, read_jsonl
-from minalign.rewards import call_source
+from minalign.rewards import call_source, load_function
 
 
 @dataclass
@@ -28,13 +27,13 @@ class EvalSection:
     metric: str = ""  # ground truth: a 'module:function' of the reward interface, 1.0/0.0 per response ("" = none)
 
 
-def evaluate(k: int, scores: Path, eval_scores: Path | None, metric: Callable | None, metric_name: str,
-             policy: str, out: Path) -> dict:
+def evaluate(cfg: EvalSection, k: int, scores: Path, eval_scores: Path | None, policy: str, out: Path) -> dict:
     """The stage: round k's metrics (module doc) from its scores and held-out scores files (None: no held-out
-    prompts) and the ground-truth metric function (None: none), written to out (metrics.json); returns them."""
+    prompts) and cfg.metric, the ground-truth function ("" = none), written to out (metrics.json); policy: the
+    policy's dir, recorded with them. Returns the metrics."""
     rows = [row for _, row in read_jsonl(scores)]
     evals = [row for _, row in read_jsonl(eval_scores)] if eval_scores is not None else []
-    accuracy = call_source(metric, evals, metric_name) if metric is not None and evals else None
+    accuracy = call_source(load_function(cfg.metric), evals, cfg.metric) if cfg.metric and evals else None
     m = round_metrics(k, rows, evals, accuracy)
     m["policy"] = policy
     atomic_write(out, json.dumps(m, indent=1) + "\n")

@@ -157,7 +157,7 @@ def scored_row(row: dict, policy: list[float], reference: list[float] | None, co
 
 
 @dataclass
-class Job:
+class ScoreJob:
     """One samples row to score: its line (or index), the row, and per model its sequences."""
 
     line: int
@@ -165,13 +165,13 @@ class Job:
     sequences: list[list[Sequence]]  # [model][response] -> (prompt ids in that model's template, response ids)
 
 
-def make_jobs(numbered_rows, scorers: list[Scorer], sampler_end_ids, on_bad: Callable[[int, ValueError], None]) -> list[Job]:
-    """A Job of each (line, row) whose responses every scorer can score; on_bad(line, error) for the others (it
+def make_jobs(numbered_rows, scorers: list[Scorer], sampler_end_ids, on_bad: Callable[[int, ValueError], None]) -> list[ScoreJob]:
+    """A ScoreJob of each (line, row) whose responses every scorer can score; on_bad(line, error) for the others (it
     raises, or collects and the row is skipped)."""
     jobs = []
     for line, row in numbered_rows:
         try:
-            jobs.append(Job(line, row, [scorer.sequences(row, sampler_end_ids) for scorer in scorers]))
+            jobs.append(ScoreJob(line, row, [scorer.sequences(row, sampler_end_ids) for scorer in scorers]))
         except ValueError as e:
             on_bad(line, e)
     return jobs
@@ -184,7 +184,7 @@ def load_scorer_model(scorer: Scorer, dtype: torch.dtype | None, device: torch.d
     return scorer.load(dtype, device)
 
 
-def score_pass(p: int, name: str, scorer: Scorer, jobs: list[Job], done: dict, append, *, batch_tokens: int,
+def score_pass(p: int, name: str, scorer: Scorer, jobs: list[ScoreJob], done: dict, append, *, batch_tokens: int,
                dtype: torch.dtype | None, device: torch.device, rank: int = 0, world: int = 1, fsdp: bool = False,
                where: str = "rows", progress: bool = False) -> tuple[int, float]:
     """Score this rank's share of every response with model p (`name`): done[name, line, j] = Σ log π of each, and
@@ -236,7 +236,7 @@ def score_pass(p: int, name: str, scorer: Scorer, jobs: list[Job], done: dict, a
     return fed, seconds
 
 
-def scored_rows(jobs: list[Job], done: dict, passes: list[str], *, beta: float, normalize: str) -> list[dict]:
+def scored_rows(jobs: list[ScoreJob], done: dict, passes: list[str], *, beta: float, normalize: str) -> list[dict]:
     """Every job's row with its rewards (scored_row), from the log-prob sums in done."""
     rows = []
     for job in jobs:

@@ -21,8 +21,9 @@ loop.rounds, only samples, scores and evaluates the last policy.
 Every stage reads files and writes one artifact atomically; a stage whose artifact exists is done. So a killed
 loop, started again with the same settings, resumes at the first unfinished stage (sampling, scoring and training
 also resume inside the stage, from their partial files and checkpoints) and redoes nothing. Each stage is its
-file's one function, called with a typed config; the sample and score stages are printed as the sample.py and
-score.py command lines that redo them (settings.command_line), so a round can be audited or redone by hand.
+file's one function, called with a typed config; the sample, score and train stages are printed as the sample.py,
+score.py and train.py command lines that redo them (settings.command_line), so a round can be audited or redone by
+hand.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class Loop:
         self.after_stage = after_stage or (lambda k, name: None)
         self.main = distributed.is_main()
         self.run_dir = cfg.run_dir
-        self.pool, self.has_eval, self.metric = [], False, None  # set by start_run
+        self.pool, self.has_eval = [], False  # set by start_run
 
     def log(self, text: str) -> None:
         if self.main:
@@ -85,7 +86,7 @@ class Loop:
     def run(self) -> dict:
         """Every round (at most loop.rounds of training, then the last policy measured); returns the summary."""
         cfg = self.cfg
-        self.pool, self.has_eval, self.metric = start_run(cfg, self.world, self.device.type, self.log)
+        self.pool, self.has_eval = start_run(cfg, self.world, self.device.type, self.log)
         rounds: list[dict] = []
         best, since_best = None, 0
         # PairRM's scores are relative to the other samples of a prompt (they sum to 0), so a batch mean compares
@@ -148,8 +149,8 @@ class Loop:
             self.run_stage(k, "eval score", "score.py", score_stage.score, cfg.reward.stage_config(
                 d / "eval_samples.jsonl", d / "eval_scores.jsonl", device))
         self.stage(k, "metrics", d / "metrics.json", lambda: on_main(lambda: evaluate(
-            k, d / "scores.jsonl", d / "eval_scores.jsonl" if self.has_eval else None, self.metric, cfg.eval.metric,
-            str(self.policy(k)), d / "metrics.json")))
+            cfg.eval, k, d / "scores.jsonl", d / "eval_scores.jsonl" if self.has_eval else None, str(self.policy(k)),
+            d / "metrics.json")))
         return json.loads((d / "metrics.json").read_text())
 
     def improve(self, k: int) -> dict:

@@ -1,7 +1,8 @@
 """Everything an alignment loop does before round 0 (train.py with a config that has a [loop] table):
 
 - its settings: the loop's own tables and those of its stages (sample.py's [sample], score.py's [reward],
-  select.py's [select], evaluate.py's [eval], train.py's [data], [train], [dpo]), read and checked;
+  select.py's [select], evaluate.py's [eval], the trainer's [data] (examples.py), [train], [dpo] (train.py)), read
+  and checked;
 - every stage's settings checked by the stage's own rules, and every prompt rendered as the sample stage will,
   so a mistake is found before any work (not after round 0's sampling, hours into a 7B run);
 - the run dir: loop.json (the settings a restart must repeat), pool.jsonl and eval_prompts.jsonl.
@@ -12,7 +13,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import json
 
@@ -212,11 +212,11 @@ def check_stages(cfg: LoopConfig, device: str) -> None:
             raise ConfigError(f"the {name} stage refuses these settings: {e}") from None
 
 
-def start_run(cfg: LoopConfig, world: int, device: str, log) -> tuple[list[dict], bool, Callable | None]:
+def start_run(cfg: LoopConfig, world: int, device: str, log) -> tuple[list[dict], bool]:
     """Check everything that can be checked before any work (paths, settings against a run being restarted, every
     stage's settings, every prompt rendered in the policy's template, the metric function, the batch split); then
     write loop.json and the pool and held-out prompt files (rank 0). Returns (the pool, whether there are held-out
-    prompts, the eval.metric function or None)."""
+    prompts)."""
     run = cfg.run_dir
     for what, p in [("policy.path", cfg.policy.path), ("prompts.path", cfg.prompts.path),
                     ("prompts.eval_path", cfg.prompts.eval_path)]:
@@ -236,17 +236,16 @@ def start_run(cfg: LoopConfig, world: int, device: str, log) -> tuple[list[dict]
                            f"the same ones (only {free} may change), or choose another loop.out")
         log(f"resuming the run in {run}")
     check_stages(cfg, device)
-    metric = None
-    if cfg.eval.metric:
+    if cfg.eval.metric:  # imports it: a wrong name fails now, not after the first round's sampling
         try:
-            metric = load_function(cfg.eval.metric)
+            load_function(cfg.eval.metric)
         except ValueError as e:
             raise ConfigError(f"eval.metric: {e}") from None
 
     def prepare() -> None:
         if (run / "pool.jsonl").is_file():
             return
-        config, tokenizer, _ = sample_stage.open_policy(sample_config(
+        config, tokenizer, _ = sample_stage.open_model(sample_config(
             cfg, Path(cfg.policy.path), Path(cfg.prompts.path), run / "samples.jsonl", cfg.sample.n, 1.0, 0, device))
         render = sample_stage.prompt_renderer(tokenizer, cfg.policy.template, cfg.policy.system or None,
                                               cfg.sample.max_new_tokens, config.max_position_embeddings,
@@ -263,4 +262,4 @@ def start_run(cfg: LoopConfig, world: int, device: str, log) -> tuple[list[dict]
         write_jsonl(run / "pool.jsonl", pool)
     on_main(prepare)
     pool = [row for _, row in read_jsonl(run / "pool.jsonl")]
-    return pool, next(read_jsonl(run / "eval_prompts.jsonl"), None) is not None, metric
+    return pool, next(read_jsonl(run / "eval_prompts.jsonl"), None) is not None

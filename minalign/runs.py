@@ -1,5 +1,5 @@
-"""The one resumable-stage mechanism: every stage (sample, score, select, train, the loop, the demo's setup) owns
-its output while it runs, checks a restart's settings against the first run's, keeps finished work in files a
+"""The one resumable-stage mechanism: the stages (sample, score, train), the loop and the demo's setup own their
+output while they run, checks a restart's settings against the first run's, keeps finished work in files a
 kill cannot corrupt, and makes its artifact appear whole or not at all.
 
 - **Ownership** (`run_lock`): an flock(2) on <out>.lock: a second run into the same output is refused at once.

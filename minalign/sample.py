@@ -96,7 +96,7 @@ def check_config(cfg: SampleConfig) -> None:
 
 
 @dataclass
-class Job:
+class SampleJob:
     """One prompt to sample: its line in the prompts file, token ids, and output row (responses to come)."""
 
     line: int
@@ -120,7 +120,7 @@ def prompt_renderer(tokenizer, template: str, system: str | None, max_new_tokens
     return render
 
 
-def load_jobs(cfg: SampleConfig, tokenizer, context: int) -> tuple[list[Job], list[DataError]]:
+def load_jobs(cfg: SampleConfig, tokenizer, context: int) -> tuple[list[SampleJob], list[DataError]]:
     """Read, validate and render every prompt row; return (jobs in file order, the rows skipped)."""
     bad = BadRows(cfg.skip_invalid)
     render = prompt_renderer(tokenizer, cfg.template, cfg.system, cfg.sample.max_new_tokens, context)
@@ -130,7 +130,7 @@ def load_jobs(cfg: SampleConfig, tokenizer, context: int) -> tuple[list[Job], li
         if "source" in row:
             out["source"] = row["source"]
         out["prompt_token_ids"] = ids
-        jobs.append(Job(line, ids, out))
+        jobs.append(SampleJob(line, ids, out))
     return jobs, bad.skipped
 
 
@@ -152,7 +152,7 @@ def finished_rows(entries, lines: set[int]) -> dict[int, dict]:
     return rows
 
 
-def open_policy(cfg: SampleConfig):
+def open_model(cfg: SampleConfig):
     """(model config, tokenizer, stop ids) of --model, checked against each other and --template before any work."""
     model_dir = require_dir(cfg.model, "--model")
     config = check_checkpoint(model_dir)  # config.json against the weights' headers: bad files found now
@@ -167,22 +167,23 @@ def open_policy(cfg: SampleConfig):
     return config, tokenizer, stop_ids
 
 
-def sample(cfg: SampleConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> int:
-    """Run (or resume) the sample stage cfg describes, owning cfg.out meanwhile (runs.run_lock)."""
+def sample(cfg: SampleConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Path:
+    """Run (or resume) the sample stage cfg describes, owning cfg.out meanwhile (runs.run_lock); returns cfg.out."""
     check_config(cfg)
     with run_lock(Path(cfg.out), "--out"):
-        return _sample(cfg, rank, world, device or torch.device("cpu"))
+        _sample(cfg, rank, world, device or torch.device("cpu"))
+    return Path(cfg.out)
 
 
-def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> int:
+def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> None:
     prompts_path, out, s = Path(cfg.prompts), Path(cfg.out), cfg.sample
     main_rank = distributed.is_main()  # messages every rank would print alike come from rank 0 only
     require_dir(cfg.model, "--model")
     if not prompts_path.is_file():
         raise ConfigError(f"--prompts {prompts_path}: no such file")
     if output_done(out, "sample.py", resume=cfg.resume, overwrite=cfg.overwrite, prompts=prompts_path):
-        return 0
-    config, tokenizer, stop_ids = open_policy(cfg)
+        return
+    config, tokenizer, stop_ids = open_model(cfg)
 
     # Every rank reads and validates every row, so all agree on the prompts and on which were skipped.
     jobs, skipped = load_jobs(cfg, tokenizer, config.max_position_embeddings)
@@ -241,10 +242,9 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> i
     # Leave together: a rank that tears down its process group while another still has it open can abort
     # (seen with gloo: "terminate called without an active exception").
     distributed.barrier()
-    return 0
 
 
-def sample_batches(model, tokenizer, stop_ids: list[int], batches: list[list[Job]], cfg: SampleConfig, append) -> int:
+def sample_batches(model, tokenizer, stop_ids: list[int], batches: list[list[SampleJob]], cfg: SampleConfig, append) -> int:
     """Sample every batch of jobs, appending each batch's finished rows (append: the partial file's); returns the
     tokens generated."""
     s, generated = cfg.sample, 0
@@ -268,7 +268,7 @@ def sample_batches(model, tokenizer, stop_ids: list[int], batches: list[list[Job
     return generated
 
 
-def merge(partials: Partials, jobs: list[Job], reward=None, spec: str = "") -> list[dict]:
+def merge(partials: Partials, jobs: list[SampleJob], reward=None, spec: str = "") -> list[dict]:
     """Write the rows of all partial files to out in input order (atomically), then remove the partials.
     reward: a reward source (from the --reward spec); each row then keeps only its best response (module doc)."""
     rows = finished_rows(partials.read(), {j.line for j in jobs})

@@ -41,7 +41,7 @@ from minalign.chat import TEMPLATES
 from minalign.checkpoint import require_dir
 from minalign.data import file_sha256, jsonl_line, read_jsonl, write_jsonl
 from minalign.errors import ConfigError, DataError
-from minalign.logratio import NORMALIZE, Job, Scorer, check_same_tokenizer, make_jobs, score_pass, scored_rows
+from minalign.logratio import NORMALIZE, ScoreJob, Scorer, check_same_tokenizer, make_jobs, score_pass, scored_rows
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.rows import BadRows
 from minalign.runs import Partials, StageOptions, check_ranges, on_main, output_done, run_lock
@@ -147,7 +147,7 @@ def open_scorers(cfg: ScoreConfig) -> dict[str, Scorer]:
     return scorers
 
 
-def finished_logprobs(entries, jobs: list[Job], passes: list[str]) -> dict[tuple[str, int, int], float]:
+def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str]) -> dict[tuple[str, int, int], float]:
     """{(model, line, response): log-prob sum} of partial-file entries {"pass", "logprobs": [[line, j, sum]...]},
     after checking each names a response of this run. A forward redone after a kill may appear twice."""
     sizes = {job.line: len(job.sequences[0]) for job in jobs}
@@ -164,25 +164,26 @@ def finished_logprobs(entries, jobs: list[Job], passes: list[str]) -> dict[tuple
     return done
 
 
-def score(cfg: ScoreConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> int:
-    """Run (or resume) the score stage cfg describes, owning cfg.out meanwhile (runs.run_lock)."""
+def score(cfg: ScoreConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Path:
+    """Run (or resume) the score stage cfg describes, owning cfg.out meanwhile (runs.run_lock); returns cfg.out."""
     check_config(cfg)
     with run_lock(Path(cfg.out), "--out"):
-        return _score(cfg, rank, world, device or torch.device("cpu"))
+        _score(cfg, rank, world, device or torch.device("cpu"))
+    return Path(cfg.out)
 
 
-def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> int:
+def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> None:
     samples, out = Path(cfg.samples), Path(cfg.out)
     main_rank = distributed.is_main()  # messages every rank would print alike come from rank 0 only
     scorers = open_scorers(cfg) if cfg.reward is None else {}
     if not samples.is_file():
         raise ConfigError(f"--samples {samples}: no such file")
     if output_done(out, "score.py", resume=cfg.resume, overwrite=cfg.overwrite, samples=samples):
-        return 0
+        return
     if cfg.reward is not None:  # a ranker or a user's function: on rank 0, on every row at once
         on_main(lambda: write_jsonl(out, score_rows(from_spec(cfg.reward, device=device),
                                                     [row for _, row in read_jsonl(samples)], cfg.reward)))
-        return 0
+        return
     if cfg.fsdp and world == 1:
         raise ConfigError("--fsdp shards each model over torchrun's processes: run it under torchrun, 2 or more")
     passes, models = list(scorers), model_dirs(cfg)
@@ -236,4 +237,3 @@ def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> int
               f"{sum(r['num_tokens'] for r in responses)}, mean reward {mean:.4f}, "
               f"{fed / max(elapsed, 1e-9):.1f} tokens/s{extra} -> {out}", file=sys.stderr)
     distributed.barrier()  # leave together (see sample.py)
-    return 0
