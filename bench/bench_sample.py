@@ -2,15 +2,31 @@
 
     python bench/bench_sample.py [--batch-sizes 1 8 32] [--new-tokens 64] [--dtype float32|bfloat16]
                                  [--device cpu|cuda] [--compile]
+    python bench/bench_sample.py --long-tail [--slots 32 64] [--prompts 256] [--samples 4] [--dtype bfloat16]
 
 A ~20M-parameter Mistral-shaped model (d_model 256, 4 layers, GQA 8/2, vocab 32000) with random weights is
 written once as an HF checkpoint and loaded by both. Both sample with temperature 1, top-k 50, top-p 1 and a
 forced length (no EOS), so both generate exactly batch × new-tokens tokens. Also prints the share of
 minalign's decode time spent in the sampling work (filtering + drawing + log-probs).
+
+--long-tail: response lengths as a real round has them, from a few tokens to the budget. The random weights'
+softmax is nearly uniform, so with 2 % of the vocabulary (640 ids) as stop tokens, temperature 1 and no top-k,
+each step stops a row with probability ~1/50: geometric lengths, mean ~50, cut at --max-new-tokens 512. Every
+provider samples --prompts prompts × --samples samples in the same number of rows in flight ("slots"):
+continuous batching (minalign now), the static batches of the previous sampler (commit STATIC_COMMIT, loaded
+from git: eager, where finished rows leave the batch, and compile=True, where they stay), and transformers'
+generate (batches of slots rows; a finished row stays until the batch ends). Two figures each: slot utilisation
+= useful tokens / (decode steps × slots), what a GPU, whose decode step costs about the same at any batch size,
+would waste; and tokens/s on this machine.
 """
 import argparse
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import types
+from pathlib import Path
 
 import torch
 from transformers import MistralForCausalLM
@@ -34,8 +50,109 @@ def best_time(fn, repeats):
     return min(times)
 
 
+STATIC_COMMIT = "eb11c76"  # the last commit with the static-batch sampler (minalign/sampling.py)
+
+
+def static_sampler():
+    """The previous sampler's module (static batches), from git: the competitor as it was, not a copy kept here."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        source = subprocess.run(["git", "show", f"{STATIC_COMMIT}:minalign/sampling.py"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"the static sampler of {STATIC_COMMIT} is not in this checkout's history ({e}); skipping it")
+        return None
+    module = types.ModuleType("static_sampling")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{STATIC_COMMIT}:minalign/sampling.py", "exec"), module.__dict__)
+    return module
+
+
+def long_tail(args, ours, hf, cfg):
+    """The --long-tail comparison (module doc): utilisation and tokens/s of each provider at each slot count."""
+    stops = list(range(cfg.vocab_size - 640, cfg.vocab_size))  # 2 % of the ids; a random model draws ~uniformly
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(8, 65, (args.prompts,), generator=gen).tolist()  # prompts of 8-64 tokens
+    prompts = [torch.randint(3, cfg.vocab_size - 640, (n,), generator=gen).tolist() for n in lengths]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=stops, seed=0)
+    old = static_sampler()
+    for S in args.slots:
+        rows: dict[str, tuple[float, int, int]] = {}  # provider -> (seconds, useful tokens, decode steps)
+
+        def measure(name, run):
+            steps = [0]
+            t = time.perf_counter()
+            useful = run(lambda k: steps.__setitem__(0, steps[0] + 1))
+            rows[name] = (time.perf_counter() - t, useful, steps[0])
+
+        def ours_run(schedule, compile_):
+            def run(count):
+                out = sampling.generate(ours, prompts, n=args.samples, slots=S, schedule=schedule, compile=compile_,
+                                        progress=count, **kw)
+                return sum(len(s.token_ids) for row in out for s in row)
+            return run
+
+        def old_run(compile_):
+            def run(count):  # the previous sample stage's batches: S // samples prompts, longest first
+                order = sorted(prompts, key=len, reverse=True)
+                per = max(1, S // args.samples)
+                out = [old.generate(ours, order[i:i + per], n=args.samples, compile=compile_, progress=count, **kw)
+                       for i in range(0, len(order), per)]
+                return sum(len(s.token_ids) for batch in out for row in batch for s in row)
+            return run
+
+        def hf_run(count):
+            useful = 0
+            flat = [p for p in sorted(prompts, key=len, reverse=True) for _ in range(args.samples)]
+            for i in range(0, len(flat), S):
+                batch = flat[i:i + S]
+                T = max(map(len, batch))
+                ids = torch.zeros(len(batch), T, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for b, p in enumerate(batch):
+                    ids[b, T - len(p):], mask[b, T - len(p):] = torch.tensor(p), 1
+                with torch.no_grad():
+                    out = hf.generate(ids.to(args.device), attention_mask=mask.to(args.device), do_sample=True,
+                                      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                                      eos_token_id=stops, pad_token_id=0)
+                new = out[:, T:]
+                for _ in range(new.shape[1]):
+                    count(0)
+                done = torch.isin(new, torch.tensor(stops, device=new.device)).int().cumsum(-1)
+                useful += int(((done == 0) | ((done == 1) & torch.isin(new, torch.tensor(stops, device=new.device)))).sum())
+            return useful
+
+        measure("continuous", ours_run("continuous", False))
+        if args.compile:
+            measure("continuous, compiled", ours_run("continuous", True))
+        if old is not None:
+            measure(f"static {STATIC_COMMIT} eager", old_run(False))
+            if args.compile:
+                measure(f"static {STATIC_COMMIT} compiled", old_run(True))
+        if not args.skip_transformers:
+            measure("transformers", hf_run)
+        base = rows.get(f"static {STATIC_COMMIT} eager")
+        print(f"\n{S} slots, {args.prompts} prompts × {args.samples} samples:")
+        print(f"{'provider':>28} {'utilisation':>12} {'steps':>7} {'tokens':>8} {'tok/s':>8} {'vs static eager':>16}")
+        for name, (sec, useful, steps) in rows.items():
+            ratio = f"{base[0] / sec:.2f}x" if base else "-"
+            print(f"{name:>28} {useful / max(1, steps * S):>11.1%} {steps:>7} {useful:>8} {useful / sec:>8.0f} "
+                  f"{ratio:>16}")
+    out = sampling.generate(ours, prompts, n=args.samples, slots=args.slots[0], **kw)
+    got = sorted(len(s.token_ids) for row in out for s in row)
+    print(f"\nresponse lengths: mean {statistics.mean(got):.1f}, median {statistics.median(got)}, "
+          f"p90 {got[int(0.9 * len(got))]}, max {got[-1]} (cut at {args.max_new_tokens}: "
+          f"{sum(n == args.max_new_tokens for n in got)})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--long-tail", action="store_true", help="the long-tail comparison of continuous batching")
+    ap.add_argument("--slots", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -52,6 +169,10 @@ def main():
         minalign.save_model(minalign.Transformer(cfg).init_weights(std=0.05, seed=0), d)
         ours = minalign.load_model(d, dtype=dtype, device=args.device).eval()
         hf = MistralForCausalLM.from_pretrained(d, dtype=dtype).to(args.device).eval()
+    if args.long_tail:
+        print(f"model: {ours.num_parameters() / 1e6:.1f}M params, {args.dtype}, {args.device}, threads "
+              f"{torch.get_num_threads()}")
+        return long_tail(args, ours, hf, cfg)
     n_params = ours.num_parameters()
     print(f"model: {n_params / 1e6:.1f}M params, {args.dtype}, {args.device}, threads {torch.get_num_threads()}, "
           f"minalign {'compiled' if args.compile else 'eager'}; "

@@ -25,12 +25,15 @@ class Progress:
         self.tty = self.stream.isatty()
         self.interval = 0.1 if self.tty else log_every
         self.done = self.tokens = 0
+        self.status = ""  # what the work is doing now ("28/32 slots"), shown after the rate
         self.start = self.last_draw = time.perf_counter()
 
-    def advance(self, items: int = 0, tokens: int = 0) -> None:
+    def advance(self, items: int = 0, tokens: int = 0, status: str | None = None) -> None:
         """Count items finished and tokens generated since the last call; redraw if due."""
         self.done += items
         self.tokens += tokens
+        if status is not None:
+            self.status = status
         now = time.perf_counter()
         if self.enabled and now - self.last_draw >= self.interval:
             self.draw(now)
@@ -41,8 +44,9 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
         eta = _clock(elapsed * (self.total - self.done) / self.done) if self.done else "?"
+        status = f" | {self.status}" if self.status else ""
         return (f"{self.done}/{self.total} {self.unit} [{bar}] {100 * frac:3.0f}% | "
-                f"{self.tokens / max(elapsed, 1e-9):.0f} tokens/s | {_clock(elapsed)} elapsed, ETA {eta}")
+                f"{self.tokens / max(elapsed, 1e-9):.0f} tokens/s{status} | {_clock(elapsed)} elapsed, ETA {eta}")
 
     def print(self, text: str) -> None:
         """Write a line of text above the status line (a log line during the run), then redraw the status."""

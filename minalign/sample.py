@@ -8,8 +8,8 @@ A row without an id gets its line number in the prompts file (an int, the number
 Output, one row per prompt in input order:
     {"id", "prompt", "source"?, "prompt_token_ids", "responses": [{"text", "token_ids", "logprobs", "finish_reason"}]}
 
-Resume (runs.Partials): each finished prompt is appended to <out>.partial (<out>.partial.rank<r> under torchrun)
-and fsynced after every batch; the file's first line records the settings. `--resume` continues from it, after
+Resume (runs.Partials): finished prompts are appended to <out>.partial (<out>.partial.rank<r> under torchrun) and
+fsynced, at most a second apart; the file's first line records the settings. `--resume` continues from it, after
 checking the settings match (all but --batch-size and --compile). The output file appears only when every prompt
 is done (an atomic rename), then the partial files go.
 
@@ -18,10 +18,12 @@ responses per prompt, scores them with the reward source SPEC (rewards.SPEC_HELP
 a Python `module:function`) and writes only the best (select.best_index): each row's "responses" holds that
 one response with its "reward", and the row gains "rewards", every sample's reward in sample order.
 
-Every prompt's random streams are keyed by its line number, so the batch a prompt lands in changes none of its
-tokens. Batches are cut from all prompts before the ranks share them out, so one process, N ranks and a killed
-and resumed run all write the same file, byte for byte (given the same --batch-size: in another
-batch shape, floats are summed in another order and a log-prob can differ in its last bits).
+Continuous batching (sampling.stream): --batch-size slots decode side by side, and a finished sample's slot takes
+the next waiting one at once. Every prompt's random streams are keyed by its line number, so neither its
+neighbours nor the number of slots change its tokens; and a dense model computes every row in the same shapes
+whatever its neighbours, so one process, N ranks and a killed and resumed run all write the same file, byte for
+byte, given the same --batch-size (with another, a log-prob can differ in its last bits; with Mixtral, whose
+experts see the neighbours, too).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from minalign.progress import Progress
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.rows import BadRows, as_messages, prompt_rows
 from minalign.runs import Partials, StageOptions, check_ranges, output_done, run_lock
-from minalign.sampling import generate
+from minalign.sampling import stream
 from minalign.select import best_index
 from minalign.settings import flag
 
@@ -58,7 +60,7 @@ class SampleSection:
     temperature: float = 0.7  # of the policy's samples (0 = greedy)
     top_k: int = 0  # sample from the k likeliest tokens only (0 = all)
     top_p: float = 1.0  # nucleus: sample from the likeliest tokens whose probabilities sum to top_p (1 = off)
-    batch_size: int = 16  # prompts per generate call (each with n rows)
+    batch_size: int = 16  # decode slots: samples in flight at once, each refilled as it finishes (KV cache: slots × (longest prompt + max_new_tokens) tokens, or × the window)
 
 
 @dataclass(kw_only=True)
@@ -191,26 +193,22 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> N
         print(f"sample.py: skipped {err}", file=sys.stderr)
     if not jobs:
         raise MinalignError(f"--prompts {prompts_path}: no usable prompt ({len(skipped)} skipped)")
-    # Batches are cut from all prompts, longest first (little padding; an out-of-memory error comes at once),
-    # and then dealt to the ranks whole. So a prompt is computed in the same batch whatever the number of
-    # ranks, and a resumed run computes the very batches an uninterrupted one would: the output is the same
-    # file. (Samples never depend on the batch, thanks to the prompt keys, but the last bit of a log-prob can:
-    # floats are summed in another order in another shape.)
-    by_length = sorted(jobs, key=lambda j: -len(j.ids))
-    batches = [by_length[i:i + s.batch_size] for i in range(0, len(by_length), s.batch_size)]
-    mine = batches[rank::world]
+    # The prompts, longest first (an out-of-memory error comes at once), are dealt to the ranks one by one; each
+    # rank decodes its share in --batch-size slots, refilled as samples finish. A sample's tokens never depend on
+    # its neighbours (the prompt keys), and for a dense model neither do the bits of its log-probs at a given
+    # number of slots: so one process, N ranks and a resumed run write the same file (sampling.py says why).
+    mine = sorted(jobs, key=lambda j: -len(j.ids))[rank::world]
 
     dtype = cfg.weights_dtype(device)
     # What a resume must match: everything that changes a sample. Not --batch-size (samples are keyed by prompt,
-    # so a run killed for want of memory can go on with smaller batches) and not --compile.
+    # so a run killed for want of memory can go on with fewer slots) and not --compile.
     settings = dict(model=str(Path(cfg.model).resolve()), prompts_sha256=file_sha256(prompts_path),
                     template=cfg.template, system=cfg.system, num_samples=s.n, max_new_tokens=s.max_new_tokens,
                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=cfg.seed, stop=cfg.stop,
                     dtype=dtype, device=device.type, skip_invalid=cfg.skip_invalid, world_size=world)
     partials = Partials(out, rank, world, resume=cfg.resume, fmt=PARTIAL_FORMAT, settings=settings)
     done = finished_rows(partials.entries, {j.line for j in jobs})
-    # A batch is redone whole if any prompt of it is missing, so it is computed exactly as it was first.
-    todo = [batch for batch in mine if any(j.line not in done for j in batch)]
+    todo = [j for j in mine if j.line not in done]
     if done and main_rank:
         print(f"sample.py: resuming: {len(done)} of {len(jobs)} prompts are done", file=sys.stderr)
 
@@ -226,7 +224,7 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> N
 
     start = time.perf_counter()
     with partials.appender() as append:
-        generated = sample_batches(model, tokenizer, stop_ids, todo, cfg, append)
+        generated = sample_prompts(model, tokenizer, stop_ids, todo, cfg, append)
     elapsed = time.perf_counter() - start
 
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
@@ -244,26 +242,34 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> N
     distributed.barrier()
 
 
-def sample_batches(model, tokenizer, stop_ids: list[int], batches: list[list[SampleJob]], cfg: SampleConfig, append) -> int:
-    """Sample every batch of jobs, appending each batch's finished rows (append: the partial file's); returns the
-    tokens generated."""
-    s, generated = cfg.sample, 0
-    bar = Progress(sum(map(len, batches)), enabled=distributed.is_main())
-    for i, batch in enumerate(batches):
-        distributed.doing(f"sampling batch {i + 1}/{len(batches)}")  # for the frozen-rank message
-        results = generate(model, [j.ids for j in batch], n=s.n, max_new_tokens=s.max_new_tokens,
-                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                           stop_token_ids=stop_ids, stop_strings=cfg.stop, tokenizer=tokenizer,
-                           seed=cfg.seed, prompt_keys=[j.line for j in batch], compile=cfg.compile,
-                           progress=lambda k: bar.advance(tokens=k))
-        lines = []
-        for job, samples in zip(batch, results):
+FLUSH_SECONDS = 1.0  # finished prompts are appended to the partial file at most this often: a kill loses ~1 s
+
+
+def sample_prompts(model, tokenizer, stop_ids: list[int], jobs: list[SampleJob], cfg: SampleConfig, append) -> int:
+    """Sample every job in --batch-size slots, appending finished rows to the partial file (append) as prompts
+    complete; returns the tokens generated."""
+    s, generated, lines, flushed = cfg.sample, 0, [], time.perf_counter()
+    if not jobs:  # this rank's share is done already
+        return 0
+    bar = Progress(len(jobs), enabled=distributed.is_main())
+    distributed.doing(f"sampling {len(jobs)} prompts")  # for the frozen-rank message
+    samples_of = stream(model, [j.ids for j in jobs], n=s.n, max_new_tokens=s.max_new_tokens,
+                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, stop_token_ids=stop_ids,
+                        stop_strings=cfg.stop, tokenizer=tokenizer, seed=cfg.seed,
+                        prompt_keys=[j.line for j in jobs], slots=s.batch_size, compile=cfg.compile,
+                        progress=lambda k: bar.advance(tokens=k, status=f"{k}/{s.batch_size} slots"))
+    try:
+        for i, samples in samples_of:
             responses = [{"text": x.text, "token_ids": x.token_ids, "logprobs": x.logprobs,
                           "finish_reason": x.finish_reason} for x in samples]
-            lines.append(jsonl_line({"line": job.line, "row": {**job.row, "responses": responses}}))
+            lines.append(jsonl_line({"line": jobs[i].line, "row": {**jobs[i].row, "responses": responses}}))
             generated += sum(len(x.token_ids) for x in samples)
-        append(lines)  # once per batch: a kill loses at most the batch in flight
-        bar.advance(items=len(batch))
+            bar.advance(items=1)
+            if time.perf_counter() - flushed >= FLUSH_SECONDS:
+                append(lines)
+                lines, flushed = [], time.perf_counter()
+    finally:  # also on Ctrl-C or an error: what is finished is kept for --resume
+        append(lines)
     bar.close()
     return generated
 

@@ -1,23 +1,31 @@
-"""The KV-cache sampler: N samples per prompt, prefilled once, decoded one token a step.
+"""The KV-cache sampler with continuous batching: N samples per prompt, each prompt prefilled once, `slots` rows
+decoded side by side one token a step, a finished row's slot refilled at once.
 
-    prompts ─(left-pad, one prefill)─► cache ─(repeat n times)─► decode loop:
-        logits ─► logit − logsumexp (the untempered log-prob we record) ─► temperature / top-k / top-p ─► draw
-        ─► stop? (stop token, stop string, length) ─► finished rows leave the batch ─► next step
+    queue of (prompt, sample j), longest prompt first
+      ─► a free slot takes the next one: its prompt prefilled alone (once for its n samples), copied into the slot
+      ─► decode step over every slot [slots, 1]:
+           logits ─► logit − logsumexp (the untempered log-prob we record) ─► temperature / top-k / top-p ─► draw
+           ─► stop? (stop token, stop string, length) ─► a finished sample frees its slot ─► next step
 
 Randomness is per sample: sample j of the prompt with key K draws its uniforms from its own stream seeded by
-(seed, K, j), so a prompt's samples do not depend on what else is in the batch, on the batch size, on the
-number of ranks or on a resume.
+(seed, K, j), so a prompt's samples do not depend on what else is decoded beside them, on the number of slots, on
+the schedule, on the number of ranks or on a resume: the same token ids everywhere. The log-probs are the same
+bits too for a dense model at a given number of slots, since every row is computed in the same shapes whatever
+its neighbours (a prompt's prefill runs alone; each decode step is [slots, 1]); Mixtral's experts see a batch
+that depends on the neighbours, so there they can differ in the last bits.
 """
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from minalign.config import ModelConfig
-from minalign.model import Transformer, attention_mask_4d, token_positions
+from minalign.model import Transformer, attention_mask_4d
 
 
 @dataclass
@@ -31,62 +39,74 @@ class Sample:
 
 
 class KVCache:
-    """Preallocated keys/values of every layer: a buffer of `size` slots per row, rolling when windowed.
+    """Keys/values of `rows` sequences side by side, each with its own write position, in a buffer of `size`
+    slots per row that rolls when the model has a sliding window.
 
-    The token written at step t lives in slot t % size; `pos[b, s]` is the position it had (−1: empty or
-    padding). A query at position p may attend slot s iff 0 ≤ pos ≤ p. A model with a sliding window W gets
-    size ≤ W: a wrapped slot is overwritten exactly when its token leaves the window, so the buffer is the window.
-    Decoding keeps all its state in tensors and always attends over the whole buffer (masked), so a decode step
-    has the same shapes every time: what torch.compile and CUDA graphs need.
+    Row r's token at position t lives in slot t % size; `pos[r, s]` is the position of the token in slot s (−1:
+    empty), `length[r]` the position of row r's next token. A query at position p may attend slot s iff
+    0 ≤ pos ≤ p. A model with a sliding window W gets size ≤ W: a slot is overwritten exactly when its token leaves
+    the window, so the buffer is the window. Rows of different ages decode side by side (continuous batching):
+    a decode step writes each row at its own slot. A prompt is prefilled alone into a one-row cache (`prefill`)
+    and copied into the rows of its samples (`copy_row`), which replaces everything the row held before.
+    A decode step keeps all its state in tensors and always attends over the whole buffer (masked), so it has
+    the same shapes every time: what torch.compile and CUDA graphs need.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, size: int, device, dtype: torch.dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, size, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, rows: int, size: int, device, dtype: torch.dtype):
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, size, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.full((batch, size), -1, device=device, dtype=torch.long)
-        self.next_pos = torch.zeros(batch, device=device, dtype=torch.long)  # position of each row's next token
-        self.step = torch.zeros(1, device=device, dtype=torch.long)  # steps written so far (a tensor: see above)
+        self.pos = torch.full((rows, size), -1, device=device, dtype=torch.long)
+        self.length = torch.zeros(rows, device=device, dtype=torch.long)
+        self.rows = torch.arange(rows, device=device)
         self.size, self.window = size, cfg.sliding_window
-        self.mode = "empty"  # -> "prefill" (the prompt, once) -> "decode" (one token a step)
+        self.prefilling = False
+
+    def prefill(self, model: Transformer, prompt: list[int]) -> Tensor:
+        """Run the prompt through the model into row 0 (a one-row cache); return its next-token logits [V]."""
+        self.prefilling = True
+        tokens = torch.tensor([prompt], device=self.k.device)
+        hidden = model(tokens, cache=self, return_hidden=True)  # [1, T, H]
+        self.prefilling = False
+        return model.lm_head(hidden[0, -1]).float()  # only the last position is needed
 
     def prepare(self, tokens: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Positions [B, T] and attention mask for this step; records which slots the step writes."""
         B, T = tokens.shape
-        if self.mode == "empty":  # prefill: the prompt attends to itself exactly as without a cache
-            self.mode = "prefill"
-            positions = token_positions(tokens, attention_mask).expand(B, T)
-            real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            kept = min(T, self.size)  # a rolling buffer keeps only the last `size` steps of a long prompt
+        if self.prefilling:  # one prompt [1, T], unpadded: it attends to itself exactly as without a cache
+            assert B == 1 and attention_mask is None
+            positions = torch.arange(T, device=tokens.device)[None]
+            kept = min(T, self.size)  # a rolling buffer keeps only the last `size` tokens of a long prompt
             self.slots = torch.arange(T - kept, T, device=tokens.device) % self.size
-            self.pos[:, self.slots] = torch.where(real, positions, -1)[:, T - kept:]
-            self.next_pos.copy_(real.sum(-1))
-            self.step.fill_(T)
-            return positions, attention_mask_4d(attention_mask, T, self.window, tokens.device)
-        assert T == 1, "after the prefill, the cache takes one token per row and step"
-        self.mode = "decode"
-        self.slots = self.step % self.size  # [1]
-        self.pos.index_copy_(1, self.slots, self.next_pos[:, None])
-        positions = self.next_pos[:, None].clone()  # [B, 1]
-        self.next_pos += 1
-        self.step += 1
-        # No window test needed: a windowed cache has at most W slots, all written within the last W steps.
+            self.pos[0] = -1
+            self.pos[0, self.slots] = torch.arange(T - kept, T, device=tokens.device)
+            self.length[0] = T
+            return positions, attention_mask_4d(None, T, self.window, tokens.device)
+        assert T == 1 and B == len(self.rows), "a decode step takes one token for every row"
+        self.slots = self.length % self.size  # [B]: each row writes at its own slot
+        self.pos[self.rows, self.slots] = self.length
+        positions = self.length[:, None].clone()  # [B, 1]
+        self.length += 1
+        # No window test needed: a windowed cache has at most W slots, all written within the row's last W steps.
         allowed = (self.pos >= 0) & (self.pos <= positions)
         return positions, allowed[:, None, None, :]  # [B, 1, 1, size]: broadcast over heads and the query
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's k/v [B, KV, T, D] into the slots; return what attention should see."""
-        kept = len(self.slots)
-        self.k[layer].index_copy_(2, self.slots, k[:, :, k.shape[2] - kept:])
-        self.v[layer].index_copy_(2, self.slots, v[:, :, v.shape[2] - kept:])
-        if self.mode == "prefill":
+        if self.prefilling:
+            kept = len(self.slots)
+            self.k[layer, 0].index_copy_(1, self.slots, k[0, :, k.shape[2] - kept:])
+            self.v[layer, 0].index_copy_(1, self.slots, v[0, :, v.shape[2] - kept:])
             return k, v
+        self.k[layer][self.rows, :, self.slots] = k[:, :, 0]  # [B, KV, D] at (row, slot)
+        self.v[layer][self.rows, :, self.slots] = v[:, :, 0]
         return self.k[layer], self.v[layer]
 
-    def select(self, rows: Tensor) -> None:
-        """Keep only these rows (in this order): repeats a prefill for n samples, drops finished rows."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.pos, self.next_pos = self.pos[rows], self.next_pos[rows]
+    def copy_row(self, row: int, source: KVCache) -> None:
+        """Row `row` becomes a copy of the one-row cache `source` (a prefilled prompt): nothing of what the row
+        held before stays visible, since pos and length are replaced with the keys."""
+        self.k[:, row], self.v[:, row] = source.k[:, 0], source.v[:, 0]
+        self.pos[row], self.length[row] = source.pos[0], source.length[0]
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -187,99 +207,110 @@ def _check(model: Transformer, prompts, n, max_new_tokens, temperature, top_k, t
                          f"of {context}")
 
 
-def _prefill(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int,
-             device: torch.device) -> tuple[KVCache, Tensor]:
-    """(the KV cache, the next-token logits [B·n, V]) after one forward over the left-padded prompts, so that
-    every row's next token goes to the same step; the n samples of a prompt share its prefill (rows b·n ..
-    b·n + n − 1 are copies of prompt b)."""
-    cfg, B, longest = model.config, len(prompts), max(map(len, prompts))
-    tokens = torch.zeros(B, longest, dtype=torch.long)
-    mask = torch.zeros(B, longest, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, longest - len(p):] = torch.tensor(p)
-        mask[b, longest - len(p):] = 1
-    size = longest + max_new_tokens
-    if cfg.sliding_window is not None:
-        size = min(size, cfg.sliding_window)
-    cache = KVCache(cfg, B, size, device, model.lm_head.weight.dtype)
-    hidden = model(tokens.to(device), mask.to(device) if mask.eq(0).any() else None, cache=cache, return_hidden=True)
-    logits = model.lm_head(hidden[:, -1]).float()  # only the last position is needed: [B, V]
-    rows = torch.arange(B, device=device).repeat_interleave(n)
-    cache.select(rows)
-    return cache, logits[rows]
+SCHEDULES = ("continuous", "static")
+
+
+def cache_size(config: ModelConfig, longest_prompt: int, max_new_tokens: int) -> int:
+    """Slots per row of the KV cache: the longest prompt plus max_new_tokens, or the sliding window if smaller."""
+    size = longest_prompt + max_new_tokens
+    return size if config.sliding_window is None else min(size, config.sliding_window)
 
 
 @torch.no_grad()
+def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_token_ids=(), stop_strings=(),
+           tokenizer=None, seed: int = 0, prompt_keys: list[int] | None = None, slots: int | None = None,
+           schedule: str = "continuous", progress=None, compile: bool = False) -> Iterator[tuple[int, list[Sample]]]:
+    """(index of a prompt, its n Samples) for every prompt, each as soon as its last sample has finished.
+
+    Continuous batching: `slots` rows decode side by side (default: every sample at once). The samples wait in a
+    queue, longest prompt first; when a row finishes, the next waiting sample takes its slot before the next step,
+    its prompt prefilled alone (the n samples of a prompt share that prefill: each slot gets a copy of it). Every
+    decode step has the same shape [slots, 1], a free slot decoding a dummy token. schedule "static" admits
+    samples only when every slot is free: a batch of `slots` samples at a time, as a batched sampler does.
+    The settings are generate's; progress(tokens) is called after every step (a token per slot in use).
+    """
+    _check(model, prompts, n, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
+    if schedule not in SCHEDULES or (slots is not None and slots < 1):
+        raise ValueError(f"bad schedule {schedule!r} or slots {slots!r}: a schedule of {SCHEDULES}, slots >= 1")
+    if tokenizer is not None:  # a stop string that is an added token ("<|user|>") is that token: stop on its id
+        stop_token_ids = [*stop_token_ids, *(tokenizer.added_tokens[s] for s in stop_strings if s in tokenizer.added_tokens)]
+        stop_strings = [s for s in stop_strings if s not in tokenizer.added_tokens]
+    keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
+    device, dtype, S = model.lm_head.weight.device, model.lm_head.weight.dtype, slots or len(prompts) * n
+    size = cache_size(model.config, max(map(len, prompts)), max_new_tokens)
+    cache, stash = KVCache(model.config, S, size, device, dtype), KVCache(model.config, 1, size, device, dtype)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first, then input order
+    queue = deque((p, j) for p in order for j in range(n))  # (prompt, sample) waiting for a slot
+    occupant: list[tuple[int, int] | None] = [None] * S  # the sample in each slot
+    logits = torch.zeros(S, model.config.vocab_size, device=device)  # each slot's next-token logits
+    ids = [[[] for _ in range(n)] for _ in prompts]
+    logprobs = [[[] for _ in range(n)] for _ in prompts]
+    finish = [["length"] * n for _ in prompts]
+    left, rngs, stashed = [n] * len(prompts), {}, None
+    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    tail_tokens = 4 * max(map(len, stop_strings), default=0) + 8  # a byte-fallback char can take 4 tokens
+    decode = _compiled_decode(device) if compile else _decode
+    vocab = tokenizer.vocab_size if tokenizer is not None else None
+
+    while True:
+        free = [s for s in range(S) if occupant[s] is None]
+        if queue and (schedule == "continuous" or len(free) == S):
+            for s in free[:len(queue)]:  # admit: the next waiting samples take the free slots
+                p, j = queue.popleft()
+                if stashed != p:  # the samples of a prompt are queued together: one prefill serves them all
+                    stash_logits, stashed = stash.prefill(model, prompts[p]), p
+                cache.copy_row(s, stash)
+                logits[s] = stash_logits
+                occupant[s], rngs[p, j] = (p, j), random.Random(f"{seed}/{keys[p]}/{j}")
+        live = [s for s in range(S) if occupant[s] is not None]
+        if not live:
+            return
+        rows = torch.tensor(live, device=device)
+        uniforms = torch.tensor([rngs[occupant[s]].random() for s in live], dtype=torch.float64, device=device)
+        next_ids, next_logprobs = sample_step(logits[rows], uniforms, temperature, top_k, top_p, vocab)
+        stopped = torch.isin(next_ids, stop_ids).tolist()
+        finished = []
+        for k, (s, token, lp) in enumerate(zip(live, next_ids.tolist(), next_logprobs.tolist())):
+            p, j = occupant[s]
+            ids[p][j].append(token)
+            logprobs[p][j].append(lp)
+            if stopped[k] or (stop_strings and _stop_string_hit(tokenizer, ids[p][j], stop_strings, tail_tokens)):
+                finish[p][j] = "stop"
+            elif len(ids[p][j]) < max_new_tokens:
+                continue
+            occupant[s], left[p] = None, left[p] - 1  # the slot is free for the next waiting sample
+            if left[p] == 0:
+                finished.append(p)
+        if progress is not None:
+            progress(len(live))  # the tokens of this step: one per slot in use
+        for p in finished:
+            texts = [_sample_text(tokenizer, t, stop_strings) if tokenizer is not None else None for t in ids[p]]
+            yield p, [Sample(ids[p][j], logprobs[p][j], finish[p][j], texts[j]) for j in range(n)]
+        if any(o is not None for o in occupant):  # else the next samples start from their prefill
+            feed = torch.zeros(S, dtype=torch.long, device=device)  # a free slot decodes a dummy token
+            feed[rows] = next_ids
+            logits.copy_(decode(model, feed, cache))
+
+
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_token_ids=(), stop_strings=(),
-             tokenizer=None, seed: int = 0, prompt_keys: list[int] | None = None, progress=None,
-             compile: bool = False) -> list[list[Sample]]:
+             tokenizer=None, seed: int = 0, prompt_keys: list[int] | None = None, slots: int | None = None,
+             schedule: str = "continuous", progress=None, compile: bool = False) -> list[list[Sample]]:
     """n samples for each prompt (lists of token ids): one inner list of Samples per prompt, in prompt order.
 
     temperature 0 is greedy. top_k 0 and top_p 1 disable those filters. Generation of a sample stops at a
     stop token, at a stop string (needs `tokenizer`; the text is cut before it) or after max_new_tokens.
     With a tokenizer, only ids it knows are drawn (not the checkpoint's padding rows past its vocabulary).
     prompt_keys: an int per prompt that keys its random streams (default: its index in `prompts`).
-    progress: called with the number of tokens generated at each step (for a tokens/s display).
-    compile: run decode steps through torch.compile (CUDA graphs on GPU). Shapes then stay fixed: finished
-    rows stay in the batch (their results are ignored) instead of leaving it.
+    slots, schedule: the rows decoded side by side and how they are refilled (`stream`); the samples' tokens do
+    not depend on them. progress: called with the tokens generated (one per slot in use) at each step.
+    compile: run decode steps through torch.compile (CUDA graphs on GPU); their shape never changes.
     """
-    _check(model, prompts, n, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
-    if tokenizer is not None:  # a stop string that is an added token ("<|user|>") is that token: stop on its id
-        stop_token_ids = [*stop_token_ids, *(tokenizer.added_tokens[s] for s in stop_strings if s in tokenizer.added_tokens)]
-        stop_strings = [s for s in stop_strings if s not in tokenizer.added_tokens]
-    keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
-    device = model.lm_head.weight.device
-
-    B = len(prompts)
-    cache, logits = _prefill(model, prompts, n, max_new_tokens, device)
-    rngs = [random.Random(f"{seed}/{keys[r // n]}/{r % n}") for r in range(B * n)]
-    out_ids: list[list[int]] = [[] for _ in range(B * n)]
-    out_logprobs: list[list[float]] = [[] for _ in range(B * n)]
-    finish = ["length"] * (B * n)
-    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-    tail_tokens = 4 * max(map(len, stop_strings), default=0) + 8  # a byte-fallback char can take 4 tokens
-    in_batch = list(range(B * n))  # the original row of each batch row
-    live = list(range(B * n))  # the batch rows still generating
-    decode = _compiled_decode(device) if compile else _decode
-    vocab = tokenizer.vocab_size if tokenizer is not None else None
-
-    for step in range(max_new_tokens):
-        if len(live) < len(in_batch):  # only the compiled path keeps finished rows in the batch
-            logits = logits[torch.tensor(live, device=device)]
-        uniforms = torch.tensor([rngs[in_batch[i]].random() for i in live], dtype=torch.float64, device=device)
-        next_ids, logprobs = sample_step(logits, uniforms, temperature, top_k, top_p, vocab)
-        stopped = torch.isin(next_ids, stop_ids)
-        ids_list, lp_list, stopped_list = next_ids.tolist(), logprobs.tolist(), stopped.tolist()
-        still = []
-        for j, i in enumerate(live):
-            r = in_batch[i]
-            out_ids[r].append(ids_list[j])
-            out_logprobs[r].append(lp_list[j])
-            if stopped_list[j] or (stop_strings and _stop_string_hit(tokenizer, out_ids[r], stop_strings, tail_tokens)):
-                finish[r] = "stop"
-            else:
-                still.append(j)
-        if progress is not None:
-            progress(len(live))
-        if not still or step == max_new_tokens - 1:
-            break
-        if compile:  # fixed shapes: every row gets a token, finished ones a dummy
-            feed = torch.zeros(len(in_batch), dtype=torch.long, device=device)
-            feed[torch.tensor(live, device=device)] = next_ids
-            live = [live[j] for j in still]
-        else:  # finished rows leave the batch: no more model or sampling work for them
-            feed = next_ids
-            if len(still) < len(live):
-                index = torch.tensor(still, device=device)
-                cache.select(index)
-                feed = next_ids[index]
-                in_batch = [in_batch[live[j]] for j in still]
-            live = list(range(len(in_batch)))
-        logits = decode(model, feed, cache)
-
-    samples = []
-    for r in range(B * n):
-        text = _sample_text(tokenizer, out_ids[r], stop_strings) if tokenizer is not None else None
-        samples.append(Sample(out_ids[r], out_logprobs[r], finish[r], text))
-    return [samples[b * n:(b + 1) * n] for b in range(B)]
+    out: list[list[Sample]] = [[] for _ in prompts]
+    for p, samples in stream(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
+                             tokenizer=tokenizer, seed=seed, prompt_keys=prompt_keys, slots=slots,
+                             schedule=schedule, progress=progress, compile=compile):
+        out[p] = samples
+    return out

@@ -207,33 +207,32 @@ def test_batch_size_changes_no_sample(model_dir, reference, tmp_path, capsys):
             assert worst < 1e-5, (a["id"], ra["logprobs"], rb["logprobs"])
 
 
-def interrupt_after(monkeypatch, calls: int):
-    """Make sample.py's generate raise KeyboardInterrupt (what Ctrl-C does) when called the calls+1-th time."""
-    real = sample.generate
-    count = [0]
+def interrupt_after(monkeypatch, prompts: int):
+    """Make sample.py's sampler raise KeyboardInterrupt (what Ctrl-C does) once that many prompts are finished."""
+    real = sample.stream
 
-    def generate(*args, **kwargs):
-        count[0] += 1
-        if count[0] > calls:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def stream(*args, **kwargs):
+        for k, item in enumerate(real(*args, **kwargs)):
+            if k == prompts:
+                raise KeyboardInterrupt
+            yield item
 
-    monkeypatch.setattr(sample, "generate", generate)
+    monkeypatch.setattr(sample, "stream", stream)
 
 
 def test_resume_gives_the_uninterrupted_file(model_dir, reference, tmp_path, capsys, monkeypatch):
     prompts, data = reference
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
-    interrupt_after(monkeypatch, 2)
+    interrupt_after(monkeypatch, 6)
     code, err = run_main(args_for(model_dir, prompts, out), capsys)
     assert code == 130 and "--resume" in err, err
     assert not out.exists()  # the output appears only when complete
     lines = partial.read_bytes().splitlines(keepends=True)
     header = json.loads(lines[0])
     assert header["format"] == sample.PARTIAL_FORMAT and header["settings"]["temperature"] == 1.0, header
-    assert len(lines) == 1 + 6, lines  # two batches of 3 prompts
-    # A kill while the second batch was being written: one of its lines whole, the next torn.
+    assert len(lines) == 1 + 6, lines  # the 6 prompts finished when Ctrl-C came are kept
+    # A kill while the last of them were being written: one of those lines whole, the next torn.
     partial.write_bytes(b"".join(lines[:5]) + lines[5][:40])
     monkeypatch.undo()
 

@@ -20,12 +20,14 @@ def random_prompts(lengths, vocab=103, seed=0):
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_greedy_matches_transformers_generate(tiny_pair):
-    """A batch of different lengths (left-padded), 40 new tokens: far past the window of 8."""
+@pytest.mark.parametrize("slots", [None, 3])
+def test_greedy_matches_transformers_generate(tiny_pair, slots):
+    """A batch of different lengths (left-padded for transformers), 40 new tokens: far past the window of 8;
+    every sample at once, or 3 slots refilled as samples finish."""
     model, hf = tiny_pair
     prompts = random_prompts([5, 11, 3, 17])
     new = 40
-    ours = generate(model, prompts, max_new_tokens=new, temperature=0)
+    ours = generate(model, prompts, max_new_tokens=new, temperature=0, slots=slots)
     T = max(map(len, prompts))
     ids = torch.zeros(len(prompts), T, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -55,7 +57,7 @@ def test_logprobs_equal_a_rescoring_forward_pass(tiny_pair, settings):
     """Sample.logprobs are the untempered model log-probs of the sampled tokens (≤ 5e-4, fp32)."""
     model, _ = tiny_pair
     prompts = random_prompts([4, 9])
-    out = generate(model, prompts, n=2, max_new_tokens=24, seed=1, **settings)
+    out = generate(model, prompts, n=2, max_new_tokens=24, seed=1, slots=3, **settings)
     for prompt, samples in zip(prompts, out):
         for s in samples:
             expected = full_forward_logprobs(model, prompt, s.token_ids)
@@ -87,21 +89,66 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_pair):
     assert [s.token_ids for s in other[0]] != [s.token_ids for s in a[0]]
 
 
-def test_stop_tokens_end_samples_and_leave_the_batch(tiny_pair, monkeypatch):
+def test_stop_tokens_end_samples_and_free_their_slot(tiny_pair, monkeypatch):
     model, _ = tiny_pair
     prompts = random_prompts([5, 8])
     free = generate(model, prompts, max_new_tokens=30, temperature=0)
     stop = free[0][0].token_ids[6]  # the 7th greedy token of prompt 0 becomes a stop token
-    batch_sizes = []
-    original = KVCache.select
-    monkeypatch.setattr(KVCache, "select", lambda self, rows: (batch_sizes.append(len(rows)), original(self, rows))[1])
-    out = generate(model, prompts, max_new_tokens=30, temperature=0, stop_token_ids=[stop])
+    copies = []
+    original = KVCache.copy_row
+    monkeypatch.setattr(KVCache, "copy_row", lambda self, row, source: (copies.append(row), original(self, row, source))[1])
+    out = generate(model, prompts, max_new_tokens=30, temperature=0, stop_token_ids=[stop], slots=1)
     first = free[0][0].token_ids.index(stop)
     assert out[0][0].token_ids == free[0][0].token_ids[:first + 1], "the stop token is kept, nothing after it"
     assert out[0][0].finish_reason == "stop"
     if stop not in free[1][0].token_ids:
         assert out[1][0].finish_reason == "length" and out[1][0].token_ids == free[1][0].token_ids
-    assert batch_sizes[0] == 2 and 1 in batch_sizes[1:], f"finished row never left the batch: {batch_sizes}"
+    assert copies == [0, 0], f"both samples should have taken the one slot in turn: {copies}"
+
+
+def _stop_ids(vocab: int = 103, share: int = 8) -> list[int]:
+    """Every share-th id: a stop with probability ~1/share at each step of a random model."""
+    return list(range(3, vocab, share))
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_samples_do_not_depend_on_the_schedule(tiny_pair, slots):
+    """Prompts of very different lengths (past the window of 8), stops at different steps: every sample's token ids
+    are the same in continuous and static scheduling at any number of slots as with every sample decoded at
+    once; log-probs agree to float noise (the same bits at the same number of slots for the dense model)."""
+    model, _ = tiny_pair
+    prompts = random_prompts([2, 17, 5, 30, 9, 1], seed=4)
+    kw = dict(n=3, max_new_tokens=20, temperature=1.0, seed=2, stop_token_ids=_stop_ids(), prompt_keys=[7, 1, 9, 3, 5, 8])
+    reference = generate(model, prompts, schedule="static", **kw)  # one batch of all 18 samples
+    lengths = {len(s.token_ids) for row in reference for s in row}
+    assert len(lengths) >= 4 and any(s.finish_reason == "stop" for row in reference for s in row), lengths
+    for schedule in ("continuous", "static"):
+        got = generate(model, prompts, slots=slots, schedule=schedule, **kw)
+        for b, (want_row, got_row) in enumerate(zip(reference, got)):
+            for j, (want, have) in enumerate(zip(want_row, got_row)):
+                assert have.token_ids == want.token_ids, f"{schedule}, {slots} slots: prompt {b} sample {j}"
+                assert have.finish_reason == want.finish_reason
+                diff = max(abs(x - y) for x, y in zip(have.logprobs, want.logprobs))
+                assert diff <= 1e-4, f"{schedule}, {slots} slots: prompt {b} sample {j}: max log-prob diff {diff:.3g}"
+    if model.config.num_local_experts == 0:  # dense: a row's bits do not depend on its neighbours
+        a = generate(model, prompts, slots=3, **kw)
+        b = generate(model, prompts, slots=3, schedule="static", **kw)
+        assert [[s.logprobs for s in row] for row in a] == [[s.logprobs for s in row] for row in b]
+
+
+def test_a_refilled_slot_sees_nothing_of_its_last_occupant(tmp_path):
+    """One slot: the long prompt's sample runs first (longest first), then the short prompt's takes its slot. It
+    must decode exactly as it does alone in a fresh cache; had the old keys stayed visible, it would attend to
+    the first occupant's 40 tokens too. (No window, so nothing of the old row is overwritten by the new one.)"""
+    path, _ = hf_tiny_checkpoint(tmp_path, "mistral", sliding_window=None)
+    model = minalign.load_model(path).eval()
+    long, short = random_prompts([30, 4], seed=1)
+    kw = dict(max_new_tokens=10, temperature=1.0, seed=0, prompt_keys=[0, 1])
+    shared = generate(model, [long, short], slots=1, **kw)
+    alone = generate(model, [short], slots=1, **{**kw, "prompt_keys": [1]})[0][0]
+    after = shared[1][0]
+    diff = max(abs(x - y) for x, y in zip(after.logprobs, alone.logprobs))
+    assert after.token_ids == alone.token_ids and diff <= 1e-5, f"max log-prob diff {diff:.3g}"
 
 
 def test_rolling_cache_is_bounded_by_the_window(tiny_pair, monkeypatch):
@@ -112,7 +159,7 @@ def test_rolling_cache_is_bounded_by_the_window(tiny_pair, monkeypatch):
                                                                                original(self, cfg, batch, size, *a))[1])
     prompt = random_prompts([20])[0]
     out = generate(model, [prompt], max_new_tokens=30, temperature=0.8, seed=3)
-    assert sizes == [model.config.sliding_window]
+    assert sizes == [model.config.sliding_window] * 2  # the slots' cache and the prefill's
     diff = (torch.tensor(out[0][0].logprobs) - full_forward_logprobs(model, prompt, out[0][0].token_ids)).abs().max()
     assert diff <= 5e-4, f"rolling cache drifted from the full forward: {diff:.3g}"
 
