@@ -3,6 +3,8 @@
     python bench/bench_sample.py [--batch-sizes 1 8 32] [--new-tokens 64] [--dtype float32|bfloat16]
                                  [--device cpu|cuda] [--compile]
     python bench/bench_sample.py --long-tail [--slots 32 64] [--prompts 256] [--samples 4] [--dtype bfloat16]
+    python bench/bench_sample.py --long-tail --uniform --max-new-tokens 64 ...   # every sample as long
+    python bench/bench_sample.py --drift
 
 A ~20M-parameter Mistral-shaped model (d_model 256, 4 layers, GQA 8/2, vocab 32000) with random weights is
 written once as an HF checkpoint and loaded by both. Both sample with temperature 1, top-k 50, top-p 1 and a
@@ -18,6 +20,11 @@ from git: eager, where finished rows leave the batch, and compile=True, where th
 generate (batches of slots rows; a finished row stays until the batch ends). Two figures each: slot utilisation
 = useful tokens / (decode steps × slots), what a GPU, whose decode step costs about the same at any batch size,
 would waste; and tokens/s on this machine.
+
+--drift: how far a sample's log-probs move with the schedule: tiny random Mistral (sliding window 8, shorter than
+prompt + response) and Mixtral models in fp32, prompts of 1-30 tokens, 3 samples each, ~1/8 stop tokens;
+continuous and static at 1, 3, 8 slots and at every sample at once. Prints whether the token ids agree and the
+largest log-prob difference.
 """
 import argparse
 import statistics
@@ -70,7 +77,8 @@ def static_sampler():
 
 def long_tail(args, ours, hf, cfg):
     """The --long-tail comparison (module doc): utilisation and tokens/s of each provider at each slot count."""
-    stops = list(range(cfg.vocab_size - 640, cfg.vocab_size))  # 2 % of the ids; a random model draws ~uniformly
+    # 2 % of the ids stop a row; a random model draws ~uniformly. --uniform: none, every sample runs to the budget.
+    stops = [] if args.uniform else list(range(cfg.vocab_size - 640, cfg.vocab_size))
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(8, 65, (args.prompts,), generator=gen).tolist()  # prompts of 8-64 tokens
     prompts = [torch.randint(3, cfg.vocab_size - 640, (n,), generator=gen).tolist() for n in lengths]
@@ -94,10 +102,11 @@ def long_tail(args, ours, hf, cfg):
 
         def old_run(compile_):
             def run(count):  # the previous sample stage's batches: S // samples prompts, longest first
-                order = sorted(prompts, key=len, reverse=True)
+                order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
                 per = max(1, S // args.samples)
-                out = [old.generate(ours, order[i:i + per], n=args.samples, compile=compile_, progress=count, **kw)
-                       for i in range(0, len(order), per)]
+                out = [old.generate(ours, [prompts[i] for i in order[b:b + per]], n=args.samples, compile=compile_,
+                                    prompt_keys=order[b:b + per], progress=count, **kw)
+                       for b in range(0, len(order), per)]
                 return sum(len(s.token_ids) for batch in out for row in batch for s in row)
             return run
 
@@ -114,12 +123,14 @@ def long_tail(args, ours, hf, cfg):
                 with torch.no_grad():
                     out = hf.generate(ids.to(args.device), attention_mask=mask.to(args.device), do_sample=True,
                                       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                      eos_token_id=stops, pad_token_id=0)
+                                      min_new_tokens=0 if stops else args.max_new_tokens,
+                                      eos_token_id=stops or None, pad_token_id=0)
                 new = out[:, T:]
                 for _ in range(new.shape[1]):
                     count(0)
-                done = torch.isin(new, torch.tensor(stops, device=new.device)).int().cumsum(-1)
-                useful += int(((done == 0) | ((done == 1) & torch.isin(new, torch.tensor(stops, device=new.device)))).sum())
+                hit = torch.isin(new, torch.tensor(stops, dtype=torch.long, device=new.device))
+                done = hit.int().cumsum(-1)  # useful: the tokens up to and with each row's first stop
+                useful += int(((done == 0) | ((done == 1) & hit)).sum())
             return useful
 
         measure("continuous", ours_run("continuous", False))
@@ -132,10 +143,11 @@ def long_tail(args, ours, hf, cfg):
         if not args.skip_transformers:
             measure("transformers", hf_run)
         base = rows.get(f"static {STATIC_COMMIT} eager")
+        base_rate = base[1] / base[0] if base else None
         print(f"\n{S} slots, {args.prompts} prompts × {args.samples} samples:")
         print(f"{'provider':>28} {'utilisation':>12} {'steps':>7} {'tokens':>8} {'tok/s':>8} {'vs static eager':>16}")
         for name, (sec, useful, steps) in rows.items():
-            ratio = f"{base[0] / sec:.2f}x" if base else "-"
+            ratio = f"{useful / sec / base_rate:.2f}x" if base else "-"
             print(f"{name:>28} {useful / max(1, steps * S):>11.1%} {steps:>7} {useful:>8} {useful / sec:>8.0f} "
                   f"{ratio:>16}")
     out = sampling.generate(ours, prompts, n=args.samples, slots=args.slots[0], **kw)
@@ -143,6 +155,26 @@ def long_tail(args, ours, hf, cfg):
     print(f"\nresponse lengths: mean {statistics.mean(got):.1f}, median {statistics.median(got)}, "
           f"p90 {got[int(0.9 * len(got))]}, max {got[-1]} (cut at {args.max_new_tokens}: "
           f"{sum(n == args.max_new_tokens for n in got)})")
+
+
+def drift():
+    """The --drift measurement (module doc)."""
+    import itertools
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 103, (n,), generator=gen).tolist() for n in (2, 17, 5, 30, 9, 1)]
+    kw = dict(n=3, max_new_tokens=20, temperature=1.0, seed=2, stop_token_ids=list(range(3, 103, 8)))
+    for name in ("tiny-mistral", "tiny-mixtral"):
+        cfg = minalign.get_config(name, vocab_size=103, sliding_window=8)
+        model = minalign.Transformer(cfg).init_weights(std=0.1, seed=0).eval()
+        runs = [sampling.generate(model, prompts, slots=slots, schedule=schedule, **kw)
+                for slots in (None, 1, 3, 8) for schedule in sampling.SCHEDULES]
+        pairs = [(x, y) for a, b in itertools.combinations(runs, 2) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+        same = all(x.token_ids == y.token_ids for x, y in pairs)
+        worst = max(abs(p - q) for x, y in pairs for p, q in zip(x.logprobs, y.logprobs))
+        lengths = sorted({len(s.token_ids) for row in runs[0] for s in row})
+        print(f"{name}: token ids {'identical' if same else 'DIFFER'} over {len(runs)} schedules; largest log-prob "
+              f"difference {worst:.2g}; sample lengths {lengths}")
 
 
 def main():
@@ -153,6 +185,8 @@ def main():
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--uniform", action="store_true", help="--long-tail without stop tokens: every sample is as long")
+    ap.add_argument("--drift", action="store_true", help="log-prob drift across schedules (tiny fp32 models)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -161,6 +195,8 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="minalign with compile=True (warm-up compile not timed)")
     args = ap.parse_args()
+    if args.drift:
+        return drift()
     torch.manual_seed(0)
     cfg = minalign.get_config("mistral-7b-v0.1", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                               num_attention_heads=8, num_key_value_heads=2, sliding_window=None)

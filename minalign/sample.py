@@ -60,7 +60,7 @@ class SampleSection:
     temperature: float = 0.7  # of the policy's samples (0 = greedy)
     top_k: int = 0  # sample from the k likeliest tokens only (0 = all)
     top_p: float = 1.0  # nucleus: sample from the likeliest tokens whose probabilities sum to top_p (1 = off)
-    batch_size: int = 16  # decode slots: samples in flight at once, each refilled as it finishes (KV cache: slots × (longest prompt + max_new_tokens) tokens, or × the window)
+    batch_size: int = 16  # decode slots: samples in flight at once, each refilled as it finishes; the KV cache is slots × (longest prompt + max_new_tokens) tokens (or × the window), 2·layers·kv_heads·head_dim·dtype bytes each: 128 KiB for Mistral-7B in bf16
 
 
 @dataclass(kw_only=True)

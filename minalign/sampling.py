@@ -266,9 +266,11 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
         live = [s for s in range(S) if occupant[s] is not None]
         if not live:
             return
-        rows = torch.tensor(live, device=device)
+        full = len(live) == S  # every slot busy (the usual case): no gathering of rows
+        rows = None if full else torch.tensor(live, device=device)
         uniforms = torch.tensor([rngs[occupant[s]].random() for s in live], dtype=torch.float64, device=device)
-        next_ids, next_logprobs = sample_step(logits[rows], uniforms, temperature, top_k, top_p, vocab)
+        next_ids, next_logprobs = sample_step(logits if full else logits[rows], uniforms, temperature, top_k, top_p,
+                                              vocab)
         stopped = torch.isin(next_ids, stop_ids).tolist()
         finished = []
         for k, (s, token, lp) in enumerate(zip(live, next_ids.tolist(), next_logprobs.tolist())):
@@ -288,9 +290,12 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
             texts = [_sample_text(tokenizer, t, stop_strings) if tokenizer is not None else None for t in ids[p]]
             yield p, [Sample(ids[p][j], logprobs[p][j], finish[p][j], texts[j]) for j in range(n)]
         if any(o is not None for o in occupant):  # else the next samples start from their prefill
-            feed = torch.zeros(S, dtype=torch.long, device=device)  # a free slot decodes a dummy token
-            feed[rows] = next_ids
-            logits.copy_(decode(model, feed, cache))
+            feed = next_ids
+            if not full:  # a free slot decodes a dummy token
+                feed = torch.zeros(S, dtype=torch.long, device=device).index_copy_(0, rows, next_ids)
+            logits = decode(model, feed, cache)
+            if compile:  # CUDA graphs reuse their output buffer on the next replay; admission writes rows of it
+                logits = logits.clone()
 
 
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
