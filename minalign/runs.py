@@ -97,6 +97,13 @@ def run_lock(path: Path, name: str, *, make_parent: bool = False):
             os.close(fd)
 
 
+def owning_out(stage, cfg, rank: int, world: int, device: torch.device | None) -> Path:
+    """stage(cfg, rank, world, device) while this run owns cfg.out (run_lock; device None: the CPU); returns cfg.out."""
+    with run_lock(Path(cfg.out), "--out"):
+        stage(cfg, rank, world, device or torch.device("cpu"))
+    return Path(cfg.out)
+
+
 def changed_settings(then: dict, now: dict, prefix: str = "") -> list[str]:
     """The keys whose values differ between two settings dicts, sorted, nested tables as "section.key"."""
     out = []

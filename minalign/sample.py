@@ -43,7 +43,7 @@ from minalign.errors import ConfigError, DataError, MinalignError
 from minalign.progress import Progress
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.rows import BadRows, as_messages, prompt_rows
-from minalign.runs import Partials, StageOptions, check_ranges, output_done, run_lock
+from minalign.runs import Partials, StageOptions, check_ranges, output_done, owning_out
 from minalign.sampling import stream
 from minalign.select import best_index
 from minalign.settings import flag
@@ -172,9 +172,7 @@ def open_model(cfg: SampleConfig):
 def sample(cfg: SampleConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Path:
     """Run (or resume) the sample stage cfg describes, owning cfg.out meanwhile (runs.run_lock); returns cfg.out."""
     check_config(cfg)
-    with run_lock(Path(cfg.out), "--out"):
-        _sample(cfg, rank, world, device or torch.device("cpu"))
-    return Path(cfg.out)
+    return owning_out(_sample, cfg, rank, world, device)
 
 
 def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> None:

@@ -44,7 +44,7 @@ from minalign.errors import ConfigError, DataError
 from minalign.logratio import NORMALIZE, ScoreJob, Scorer, check_same_tokenizer, make_jobs, score_pass, scored_rows
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.rows import BadRows
-from minalign.runs import Partials, StageOptions, check_ranges, on_main, output_done, run_lock
+from minalign.runs import Partials, StageOptions, check_ranges, on_main, output_done, owning_out
 from minalign.settings import flag
 
 PARTIAL_FORMAT = "minalign score.py partial v1"
@@ -167,9 +167,7 @@ def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str]) -> dict[
 def score(cfg: ScoreConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Path:
     """Run (or resume) the score stage cfg describes, owning cfg.out meanwhile (runs.run_lock); returns cfg.out."""
     check_config(cfg)
-    with run_lock(Path(cfg.out), "--out"):
-        _score(cfg, rank, world, device or torch.device("cpu"))
-    return Path(cfg.out)
+    return owning_out(_score, cfg, rank, world, device)
 
 
 def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> None:
