@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minalign.data import atomic_write, read_jsonl
+from minalign.errors import MinalignError, RewardError
 from minalign.rewards import call_source, load_function
 
 
@@ -33,7 +34,12 @@ def evaluate(cfg: EvalSection, k: int, scores: Path, eval_scores: Path | None, p
     policy's dir, recorded with them. Returns the metrics."""
     rows = [row for _, row in read_jsonl(scores)]
     evals = [row for _, row in read_jsonl(eval_scores)] if eval_scores is not None else []
-    accuracy = call_source(load_function(cfg.metric), evals, cfg.metric) if cfg.metric and evals else None
+    try:
+        accuracy = call_source(load_function(cfg.metric), evals, cfg.metric) if cfg.metric and evals else None
+    except MinalignError:
+        raise
+    except ValueError as e:  # raised by the user's function itself
+        raise RewardError(f"eval.metric {cfg.metric}: {e}") from None
     m = round_metrics(k, rows, evals, accuracy)
     m["policy"] = policy
     atomic_write(out, json.dumps(m, indent=1) + "\n")

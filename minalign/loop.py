@@ -53,7 +53,6 @@ from minalign.train import check_config, train
 from minalign.train_state import latest_checkpoint
 
 
-
 def run_loop(cfg: LoopConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
              after_stage: Callable[[int, str], None] | None = None) -> dict:
     """Run (or resume) the loop cfg describes, owning its run dir meanwhile (runs.run_lock); returns the summary

@@ -229,7 +229,9 @@ def start_run(cfg: LoopConfig, world: int, device: str, log) -> tuple[list[dict]
     settings = fixed_settings(cfg)
     saved = run / "loop.json"
     if saved.is_file():
-        diffs = changed_settings(json.loads(saved.read_text())["settings"], settings)
+        then = json.loads(saved.read_text())["settings"]
+        then.pop("demo", None)  # runs before the demo's settings left the loop config recorded them here too
+        diffs = changed_settings(then, settings)
         if diffs:
             free = ", ".join(f"{s}.{k}" for s, ks in RESUMABLE_CHANGES.items() for k in sorted(ks))
             raise RunError(f"{run} holds a loop run with other settings ({', '.join(diffs)}): restart it with "

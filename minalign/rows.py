@@ -24,14 +24,15 @@ from minalign.errors import DataError, MinalignError
 class BadRows:
     """The on_error of read_jsonl, and of a stage's own row checks: stop at the first bad row (a DataError naming
     path:line), or with skip_invalid keep going and collect them in .skipped. switch: how the user says "skip
-    invalid rows" (a flag or a key), for the message."""
+    invalid rows" (a flag or a key), for the message (None: there is no such switch)."""
 
-    def __init__(self, skip_invalid: bool, switch: str = "--skip-invalid"):
+    def __init__(self, skip_invalid: bool, switch: str | None = "--skip-invalid"):
         self.skip_invalid, self.switch, self.skipped = skip_invalid, switch, []
 
     def __call__(self, err: DataError) -> None:
         if not self.skip_invalid:
-            raise DataError(err.path, err.line, f"{err.message} ({self.switch} skips bad rows)")
+            hint = f" ({self.switch} skips bad rows)" if self.switch else ""
+            raise DataError(err.path, err.line, err.message + hint)
         self.skipped.append(err)
 
 
@@ -99,7 +100,7 @@ def prompt_rows(path: Path, bad: Callable[[DataError], None],
 def read_prompts(path: Path, render: Callable[[str | list[dict]], object] | None = None) -> list[dict]:
     """Every row of a prompts file, checked (by render too: prompt_rows), each with an "id"; the first bad one is
     a DataError naming path:line."""
-    rows = [row for _, row, _ in prompt_rows(path, BadRows(False), render)]
+    rows = [row for _, row, _ in prompt_rows(path, BadRows(False, switch=None), render)]
     if not rows:
         raise MinalignError(f"{path}: no prompts")
     return rows

@@ -32,13 +32,16 @@ from minalign.settings import flag, get_path, stage_flags
 
 def on_main(fn: Callable[[], None]) -> None:
     """fn() on rank 0 alone, the other ranks waiting; an error there is raised on every rank, so none is left
-    waiting for a rank that has left."""
+    waiting for a rank that has left. A plain ValueError (from a user's reward or metric function) is raised as a
+    MinalignError with its message, so the command line reports it in one line."""
     error = None
     if distributed.is_main():
         try:
             fn()
-        except (MinalignError, ValueError) as e:
+        except MinalignError as e:
             error = e
+        except ValueError as e:
+            error = MinalignError(str(e))
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         message = [None if error is None else str(error)]
         torch.distributed.broadcast_object_list(message, src=0)

@@ -144,7 +144,7 @@ def stop_token_ids(tokenizer, template: str) -> list[int]:
 
 def finished_rows(entries, lines: set[int]) -> dict[int, dict]:
     """Output rows of partial-file entries {"line", "row"} by prompt line, after checking each is a prompt of
-    this run. A line may appear twice (a batch redone after a kill in the middle of writing it): the last wins."""
+    this run. A line may appear twice (written again after a kill in the middle of writing it): the last wins."""
     rows: dict[int, dict] = {}
     for path, number, entry in entries:
         if entry.get("line") not in lines or not isinstance(entry.get("row"), dict):
@@ -222,7 +222,7 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> N
 
     start = time.perf_counter()
     with partials.appender() as append:
-        generated = sample_prompts(model, tokenizer, stop_ids, todo, cfg, append)
+        generated = sample_prompts(model, tokenizer, stop_ids, todo, cfg, append, max(len(j.ids) for j in jobs))
     elapsed = time.perf_counter() - start
 
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
@@ -243,9 +243,11 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> N
 FLUSH_SECONDS = 1.0  # finished prompts are appended to the partial file at most this often: a kill loses ~1 s
 
 
-def sample_prompts(model, tokenizer, stop_ids: list[int], jobs: list[SampleJob], cfg: SampleConfig, append) -> int:
+def sample_prompts(model, tokenizer, stop_ids: list[int], jobs: list[SampleJob], cfg: SampleConfig, append,
+                   longest: int) -> int:
     """Sample every job in --batch-size slots, appending finished rows to the partial file (append) as prompts
-    complete; returns the tokens generated."""
+    complete; returns the tokens generated. longest: the longest prompt of the whole run (all ranks, done ones
+    too), which sizes the KV cache, so the decode shapes do not depend on the share or the resume."""
     s, generated, lines, flushed = cfg.sample, 0, [], time.perf_counter()
     if not jobs:  # this rank's share is done already
         return 0
@@ -255,6 +257,7 @@ def sample_prompts(model, tokenizer, stop_ids: list[int], jobs: list[SampleJob],
                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, stop_token_ids=stop_ids,
                         stop_strings=cfg.stop, tokenizer=tokenizer, seed=cfg.seed,
                         prompt_keys=[j.line for j in jobs], slots=s.batch_size, compile=cfg.compile,
+                        longest_prompt=longest,
                         progress=lambda k: bar.advance(tokens=k, status=f"{k}/{s.batch_size} slots"))
     try:
         for i, samples in samples_of:

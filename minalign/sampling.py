@@ -220,7 +220,8 @@ def cache_size(config: ModelConfig, longest_prompt: int, max_new_tokens: int) ->
 def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_token_ids=(), stop_strings=(),
            tokenizer=None, seed: int = 0, prompt_keys: list[int] | None = None, slots: int | None = None,
-           schedule: str = "continuous", progress=None, compile: bool = False) -> Iterator[tuple[int, list[Sample]]]:
+           schedule: str = "continuous", progress=None, compile: bool = False,
+           longest_prompt: int | None = None) -> Iterator[tuple[int, list[Sample]]]:
     """(index of a prompt, its n Samples) for every prompt, each as soon as its last sample has finished.
 
     Continuous batching: `slots` rows decode side by side (default: every sample at once). The samples wait in a
@@ -229,6 +230,8 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
     decode step has the same shape [slots, 1], a free slot decoding a dummy token. schedule "static" admits
     samples only when every slot is free: a batch of `slots` samples at a time, as a batched sampler does.
     The settings are generate's; progress(tokens) is called after every step (a token per slot in use).
+    longest_prompt: size the cache for prompts this long (default: the longest here) — a caller that splits one
+    job over ranks or resumes passes the job's, so every call decodes in the same shapes.
     """
     _check(model, prompts, n, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
     if schedule not in SCHEDULES or (slots is not None and slots < 1):
@@ -238,7 +241,7 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
         stop_strings = [s for s in stop_strings if s not in tokenizer.added_tokens]
     keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     device, dtype, S = model.lm_head.weight.device, model.lm_head.weight.dtype, slots or len(prompts) * n
-    size = cache_size(model.config, max(map(len, prompts)), max_new_tokens)
+    size = cache_size(model.config, max(longest_prompt or 0, *map(len, prompts)), max_new_tokens)
     cache, stash = KVCache(model.config, S, size, device, dtype), KVCache(model.config, 1, size, device, dtype)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first, then input order
     queue = deque((p, j) for p in order for j in range(n))  # (prompt, sample) waiting for a slot

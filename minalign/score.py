@@ -40,7 +40,7 @@ from minalign import distributed
 from minalign.chat import TEMPLATES
 from minalign.checkpoint import require_dir
 from minalign.data import file_sha256, jsonl_line, read_jsonl, write_jsonl
-from minalign.errors import ConfigError, DataError
+from minalign.errors import ConfigError, DataError, MinalignError, RewardError
 from minalign.logratio import NORMALIZE, ScoreJob, Scorer, check_same_tokenizer, make_jobs, score_pass, scored_rows
 from minalign.rewards import SPEC_HELP, from_spec, parse_spec, score_rows
 from minalign.rows import BadRows
@@ -92,7 +92,8 @@ class RewardSection:
         if self.kind != "log-ratio":
             return ScoreConfig(samples=str(samples), out=str(out), reward=self.spec(), device=device, resume=True)
         return ScoreConfig(samples=str(samples), out=str(out), policy=self.policy, policy_template=self.policy_template,
-                           reference=self.reference or None, reference_template=self.reference_template or None,
+                           reference=self.reference or None,
+                           reference_template=(self.reference_template or None) if self.reference else None,
                            reference_free=not self.reference, normalize=self.normalize, beta=self.beta,
                            sampler_end_ids=list(self.sampler_end_ids), batch_tokens=self.batch_tokens,
                            fsdp=self.fsdp, device=device, resume=True)
@@ -164,6 +165,17 @@ def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str]) -> dict[
     return done
 
 
+def score_with(spec: str, samples: Path, device: torch.device) -> list[dict]:
+    """The rows of a samples file with each response's reward from the source a --reward spec names."""
+    rows = [row for _, row in read_jsonl(samples)]
+    try:
+        return score_rows(from_spec(spec, device=device), rows, spec)
+    except MinalignError:
+        raise
+    except ValueError as e:  # raised by the source itself (a user's function, PairRM on a malformed row)
+        raise RewardError(f"--reward {spec}: {e}") from None
+
+
 def score(cfg: ScoreConfig, rank: int = 0, world: int = 1, device: torch.device | None = None) -> Path:
     """Run (or resume) the score stage cfg describes, owning cfg.out meanwhile (runs.run_lock); returns cfg.out."""
     check_config(cfg)
@@ -179,8 +191,7 @@ def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> Non
     if output_done(out, "score.py", resume=cfg.resume, overwrite=cfg.overwrite, samples=samples):
         return
     if cfg.reward is not None:  # a ranker or a user's function: on rank 0, on every row at once
-        on_main(lambda: write_jsonl(out, score_rows(from_spec(cfg.reward, device=device),
-                                                    [row for _, row in read_jsonl(samples)], cfg.reward)))
+        on_main(lambda: write_jsonl(out, score_with(cfg.reward, samples, device)))
         return
     if cfg.fsdp and world == 1:
         raise ConfigError("--fsdp shards each model over torchrun's processes: run it under torchrun, 2 or more")

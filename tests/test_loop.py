@@ -378,6 +378,23 @@ def test_train_stop_after_is_continued_by_a_restart(models, tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_a_reference_free_reward_keeps_its_template_setting(models, tmp_path):
+    """reward.reference = "" makes the reward reference-free, whatever reward.reference_template says (the
+    shipped configs set one), and a loop.json written when the demo's settings were part of the loop config
+    resumes."""
+    from minalign.loop_setup import check_stages, fixed_settings
+    cfg = config(models, tmp_path / "r", **{"reward.reference": ""})
+    assert cfg.reward.reference_template == "mistral"
+    check_stages(cfg, "cpu")  # used to refuse: "--reference-template goes with --reference"
+    score_cfg = cfg.reward.stage_config(tmp_path / "s.jsonl", tmp_path / "o.jsonl", "cpu")
+    assert score_cfg.reference_free and score_cfg.reference is None and score_cfg.reference_template is None
+    run = tmp_path / "old"
+    run.mkdir()
+    cfg = config(models, run, **{"loop.rounds": 1})
+    (run / "loop.json").write_text(json.dumps({"settings": {**fixed_settings(cfg), "demo": {"out": ""}}}))
+    assert [r["round"] for r in run_loop(cfg)["rounds"]] == [0, 1]
+
+
 def test_prompts_are_checked_before_any_work(models, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"messages": [{"role": "user", "content": "x"}, '

@@ -275,6 +275,25 @@ def test_a_non_finite_log_prob_is_an_error(models, samples, tmp_path, capsys, mo
     assert err.count("\n") == 2 and err.startswith("score.py: policy "), err  # the start-up line, the error
 
 
+def test_reward_spec_scores_with_any_source(samples, tmp_path, capsys):
+    """--reward SPEC: a user's function scores every row (what the loop runs for kind = "python"); a function
+    that raises, or answers in the wrong shape, is one line and status 2, the samples untouched."""
+    fn = tmp_path / "rewards.py"
+    fn.write_text("def length(rows):\n    return [[len(r['token_ids']) for r in row['responses']] for row in rows]\n"
+                  "def broken(rows):\n    raise ValueError('no score for you')\n"
+                  "def short(rows):\n    return [[1.0] for row in rows]\n")
+    out = tmp_path / "scores.jsonl"
+    code, err = run_main(["--samples", str(samples), "--out", str(out), "--reward", f"{fn}:length"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["reward"] == len(r["token_ids"]) for row in rows for r in row["responses"])
+    for name, phrase in [("broken", "no score for you"), ("short", "responses but got [1.0]")]:
+        code, err = run_main(["--samples", str(samples), "--out", str(tmp_path / f"{name}.jsonl"), "--reward",
+                              f"{fn}:{name}"], capsys)
+        assert code == 2 and phrase in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not (tmp_path / f"{name}.jsonl").exists()
+
+
 @pytest.mark.parametrize("change, phrase", [
     (("--policy-template", "chatml"), "argument --policy-template: invalid choice: 'chatml'"),
     (("--normalize", "max"), "argument --normalize: invalid choice: 'max'"),
