@@ -230,8 +230,7 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
     decode step has the same shape [slots, 1], a free slot decoding a dummy token. schedule "static" admits
     samples only when every slot is free: a batch of `slots` samples at a time, as a batched sampler does.
     The settings are generate's; progress(tokens) is called after every step (a token per slot in use).
-    longest_prompt: size the cache for prompts this long (default: the longest here) — a caller that splits one
-    job over ranks or resumes passes the job's, so every call decodes in the same shapes.
+    longest_prompt: size the cache for it (default: the longest here; a job split over ranks passes its own).
     """
     _check(model, prompts, n, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
     if schedule not in SCHEDULES or (slots is not None and slots < 1):
@@ -247,14 +246,12 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
     queue = deque((p, j) for p in order for j in range(n))  # (prompt, sample) waiting for a slot
     occupant: list[tuple[int, int] | None] = [None] * S  # the sample in each slot
     logits = torch.zeros(S, model.config.vocab_size, device=device)  # each slot's next-token logits
-    ids = [[[] for _ in range(n)] for _ in prompts]
-    logprobs = [[[] for _ in range(n)] for _ in prompts]
+    ids, logprobs = [[[] for _ in range(n)] for _ in prompts], [[[] for _ in range(n)] for _ in prompts]
     finish = [["length"] * n for _ in prompts]
     left, rngs, stashed = [n] * len(prompts), {}, None
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     tail_tokens = 4 * max(map(len, stop_strings), default=0) + 8  # a byte-fallback char can take 4 tokens
-    decode = _compiled_decode(device) if compile else _decode
-    vocab = tokenizer.vocab_size if tokenizer is not None else None
+    decode, vocab = _compiled_decode(device) if compile else _decode, getattr(tokenizer, "vocab_size", None)
 
     while True:
         free = [s for s in range(S) if occupant[s] is None]
