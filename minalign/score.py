@@ -191,7 +191,13 @@ def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> Non
     if output_done(out, "score.py", resume=cfg.resume, overwrite=cfg.overwrite, samples=samples):
         return
     if cfg.reward is not None:  # a ranker or a user's function: on rank 0, on every row at once
-        on_main(lambda: write_jsonl(out, score_with(cfg.reward, samples, device)))
+        def scored() -> None:
+            rows = score_with(cfg.reward, samples, device)
+            write_jsonl(out, rows)
+            rewards = [r["reward"] for row in rows for r in row["responses"]]
+            print(f"score.py: rows {len(rows)}, responses {len(rewards)}, mean reward "
+                  f"{sum(rewards) / max(1, len(rewards)):.4f} ({cfg.reward}) -> {out}", file=sys.stderr)
+        on_main(scored)
         return
     if cfg.fsdp and world == 1:
         raise ConfigError("--fsdp shards each model over torchrun's processes: run it under torchrun, 2 or more")

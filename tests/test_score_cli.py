@@ -275,6 +275,10 @@ def test_a_non_finite_log_prob_is_an_error(models, samples, tmp_path, capsys, mo
     assert err.count("\n") == 2 and err.startswith("score.py: policy "), err  # the start-up line, the error
 
 
+def rows_of(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_reward_spec_scores_with_any_source(samples, tmp_path, capsys):
     """--reward SPEC: a user's function scores every row (what the loop runs for kind = "python"); a function
     that raises, or answers in the wrong shape, is one line and status 2, the samples untouched."""
@@ -284,7 +288,7 @@ def test_reward_spec_scores_with_any_source(samples, tmp_path, capsys):
                   "def short(rows):\n    return [[1.0] for row in rows]\n")
     out = tmp_path / "scores.jsonl"
     code, err = run_main(["--samples", str(samples), "--out", str(out), "--reward", f"{fn}:length"], capsys)
-    assert code == 0, err
+    assert code == 0 and err.startswith(f"score.py: rows {len(rows_of(samples))}, responses ") and str(out) in err, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["reward"] == len(r["token_ids"]) for row in rows for r in row["responses"])
     for name, phrase in [("broken", "no score for you"), ("short", "responses but got [1.0]")]:
