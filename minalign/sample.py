@@ -155,8 +155,9 @@ def finished_rows(entries, lines: set[int]) -> dict[int, dict]:
 
 
 def open_model(cfg: SampleConfig):
-    """(model config, tokenizer, stop ids) of --model, checked against each other and --template before any work."""
-    model_dir = require_dir(cfg.model, "--model")
+    """(model config, tokenizer, stop ids) of --model, checked against each other and --template before any work
+    (the caller has checked that --model is a directory)."""
+    model_dir = Path(cfg.model)
     config = check_checkpoint(model_dir)  # config.json against the weights' headers: bad files found now
     tokenizer = minalign.load_tokenizer(model_dir)
     try:

@@ -10,6 +10,7 @@ as the flags that make it — so the loop prints, for every stage it runs, the v
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -124,7 +125,8 @@ class Flag:
     help: str
 
 
-def stage_flags(cls) -> list[Flag]:
+@functools.cache  # a class's flags never change; reading them reads its source (field_help)
+def stage_flags(cls) -> tuple[Flag, ...]:
     """The flags of a stage config class, in order: its own fields, nested sections' fields in their place, and
     the fields of its base classes (the options every stage has) last."""
     meaning = field_help(cls)
@@ -140,7 +142,7 @@ def stage_flags(cls) -> list[Flag]:
         kind = {"int": int, "float": float, "bool": bool, "list": list}.get(str(f.type).split(" ")[0], str)
         out.append(Flag((f.name,), names, default, kind, dict(f.metadata.get("options", {})),
                         meaning.get(f.name, "")))
-    return out
+    return tuple(out)
 
 
 def get_path(cfg, path: tuple[str, ...]):

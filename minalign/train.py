@@ -236,8 +236,8 @@ def _open_run(cfg: TrainConfig, run: Path, world: int):
     policy and data checked and read, and a run dir's checkpoints checked against train.resume and the settings.
     A finished run is refused; one killed between its last checkpoint and final/ gives start == train.steps."""
     t = cfg.train
-    if latest_checkpoint(run) is not None and not t.resume:
-        raise RunError(f"{run} holds a run already ({latest_checkpoint(run)}); set train.resume = true "
+    if not t.resume and (ckpt := latest_checkpoint(run)) is not None:
+        raise RunError(f"{run} holds a run already ({ckpt}); set train.resume = true "
                        f"(--train.resume true) to continue it, or choose another train.out")
     tokenizer = open_policy(cfg)
     examples, stats = load_examples(cfg.data, t.mode, cfg.model.template, tokenizer)
