@@ -241,7 +241,8 @@ def _sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> N
     distributed.barrier()
 
 
-FLUSH_SECONDS = 1.0  # finished prompts are appended to the partial file at most this often: a kill loses ~1 s
+FLUSH_SECONDS = 1.0  # finished prompts are appended to the partial file at most this often (the first at once):
+# a kill loses ~1 s of work, and a run killed early keeps what it finished
 
 
 def sample_prompts(model, tokenizer, stop_ids: list[int], jobs: list[SampleJob], cfg: SampleConfig, append,
@@ -249,7 +250,7 @@ def sample_prompts(model, tokenizer, stop_ids: list[int], jobs: list[SampleJob],
     """Sample every job in --batch-size slots, appending finished rows to the partial file (append) as prompts
     complete; returns the tokens generated. longest: the longest prompt of the whole run (all ranks, done ones
     too), which sizes the KV cache, so the decode shapes do not depend on the share or the resume."""
-    s, generated, lines, flushed = cfg.sample, 0, [], time.perf_counter()
+    s, generated, lines, flushed = cfg.sample, 0, [], -FLUSH_SECONDS  # the first finished prompt goes at once
     if not jobs:  # this rank's share is done already
         return 0
     bar = Progress(len(jobs), enabled=distributed.is_main())
