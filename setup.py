@@ -24,7 +24,8 @@ setup(
         # transformers is a test oracle only: the product never imports it.
         # triton: the kernel tests run it on the CPU under TRITON_INTERPRET=1.
         # mistral-common: the oracle of the mistral template's ids (it ships Mistral's v1 tokenizer.model).
+        # trl: the oracle of the SimPO loss (its CPO trainer's).
         "test": ["pytest", "transformers>=4.45", "protobuf", "triton; platform_system == 'Linux'",
-                 "mistral-common>=1.13"],
+                 "mistral-common>=1.13", "trl>=0.19"],
     },
 )

@@ -49,7 +49,8 @@ def stage_parser(doc: str, config_type) -> argparse.ArgumentParser:
     field's default and its comment as help."""
     p = parser(doc)
     for fl in stage_flags(config_type):
-        kwargs = {"help": fl.help, **fl.options, "dest": ".".join(fl.path)}
+        text = fl.options.get("help", fl.help).replace("%", "%%")  # argparse %-formats a help string
+        kwargs = {**fl.options, "help": text, "dest": ".".join(fl.path)}
         if fl.default is dataclasses.MISSING:
             kwargs["required"] = True
         else:

@@ -167,6 +167,15 @@ def accuracy(rows: list[dict]) -> list[list[float]]:
     return out
 
 
+def prefer_correct(comparisons: list[dict]) -> list[float]:
+    """Ground-truth judge with the pairwise interface (compare.py, `--judge pairwise:minalign.demo:prefer_correct`):
+    P(candidate beats baseline) = 0.5 + (right(candidate) − right(baseline)) / 2, so a tie when both or neither
+    answer is right."""
+    rows = [{"prompt": c["prompt"], "responses": [{"text": c["candidate"]}, {"text": c["baseline"]}]}
+            for c in comparisons]
+    return [0.5 + (a - b) / 2 for a, b in accuracy(rows)]
+
+
 def split(d: DemoSection) -> tuple[list[dict], list[dict]]:
     """(pool, held-out) prompt rows {"id": "add-7-5", "prompt", "source": "add"}: eval_per_source random questions
     of each source are held out."""

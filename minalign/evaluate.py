@@ -8,6 +8,13 @@ Round k's metrics describe π_k, the policy round k starts from (round 0: the st
     mean_length       response tokens (reward-based selection drifts toward length, so watch it)
     truncated         share of responses cut at max_new_tokens
     accuracy          the ground-truth metric on the held-out prompts, when [eval] metric names one
+    win_rate          how often eval.judge prefers π_k's held-out responses to π_0's (round k's compare.json,
+                      compare.py), with win_rate_interval (95%, bootstrap over prompts) and lc_win_rate, the same
+                      with length controlled for (AlpacaEval 2.0's GLM), and its interval; from round 1 on
+
+A batch reward from PairRM means nothing (its scores sum to zero over each prompt's samples), so with PairRM the
+win rate is what tells the rounds apart; with the log ratio both are shown, and batch reward stays the rule
+(Merlinite-7B-pt's).
 """
 from __future__ import annotations
 
@@ -26,13 +33,16 @@ class EvalSection:
     n: int = 1  # samples per held-out prompt
     temperature: float = -1.0  # < 0: sample.temperature
     metric: str = ""  # ground truth: a 'module:function' of the reward interface, 1.0/0.0 per response ("" = none)
+    judge: str = ""  # who judges π_k's held-out responses against π_0's (score.py --judge: compare.JUDGE_HELP); "" = the loop's reward
 
 
-def evaluate(cfg: EvalSection, k: int, scores: Path, eval_scores: Path | None, policy: str, out: Path) -> dict:
-    """The stage: round k's metrics (module doc) from its scores and held-out scores files (None: no held-out
-    prompts) and cfg.metric, the ground-truth function ("" = none), written to out (metrics.json); policy: the
-    policy's dir, recorded with them. Returns the metrics."""
-    rows = [row for _, row in read_jsonl(scores)]
+def evaluate(cfg: EvalSection, k: int, scores: Path | None, eval_scores: Path | None, policy: str, out: Path,
+             comparison: Path | None = None) -> dict:
+    """The stage: round k's metrics (module doc) from its scores and held-out scores files (None: not sampled;
+    no held-out prompts), its comparison with π_0 (compare.json; None: none) and cfg.metric, the ground-truth
+    function ("" = none), written to out (metrics.json); policy: the policy's dir, recorded with them. Returns the
+    metrics."""
+    rows = [row for _, row in read_jsonl(scores)] if scores is not None else []
     evals = [row for _, row in read_jsonl(eval_scores)] if eval_scores is not None else []
     try:
         accuracy = call_source(load_function(cfg.metric), evals, cfg.metric) if cfg.metric and evals else None
@@ -41,6 +51,9 @@ def evaluate(cfg: EvalSection, k: int, scores: Path, eval_scores: Path | None, p
     except ValueError as e:  # raised by the user's function itself
         raise RewardError(f"eval.metric {cfg.metric}: {e}") from None
     m = round_metrics(k, rows, evals, accuracy)
+    if comparison is not None:
+        c = json.loads(comparison.read_text())
+        m.update({key: c[key] for key in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval")})
     m["policy"] = policy
     atomic_write(out, json.dumps(m, indent=1) + "\n")
     return m
@@ -67,8 +80,9 @@ def round_metrics(k: int, scores: list[dict], eval_scores: list[dict], accuracy:
 
 COLUMNS = [("round", "round", "{}"), ("batch_reward", "batch reward", "{:.4g}"),
            ("batch_reward_max", "best-of-n", "{:.4g}"), ("eval_reward", "eval reward", "{:.4g}"),
-           ("accuracy", "accuracy", "{:.3f}"), ("mean_length", "mean length", "{:.1f}"),
-           ("selected", "selected", "{}")]
+           ("accuracy", "accuracy", "{:.3f}"), ("win_rate", "win rate", "{:.3f}"),
+           ("win_rate_interval", "95% interval", "{0[0]:.2f}-{0[1]:.2f}"), ("lc_win_rate", "LC win rate", "{:.3f}"),
+           ("mean_length", "mean length", "{:.1f}"), ("selected", "selected", "{}")]
 
 
 def table(rounds: list[dict]) -> str:
@@ -81,7 +95,8 @@ def table(rounds: list[dict]) -> str:
 
 
 def plot(rounds: list[dict], path: Path, title: str) -> None:
-    """summary.png: batch reward (mean and best-of-n), held-out reward, accuracy and response length by round."""
+    """summary.png: batch reward (mean and best-of-n), held-out reward, accuracy, the win rates against π_0 (with
+    the win rate's 95% interval shaded) and response length by round."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -90,6 +105,7 @@ def plot(rounds: list[dict], path: Path, title: str) -> None:
     panels = [("reward", [("batch_reward", "batch (mean)"), ("batch_reward_max", "batch (best of n)"),
                           ("eval_reward", "held-out")]),
               ("accuracy (held-out)", [("accuracy", "accuracy")]),
+              ("win rate against π_0 (held-out)", [("win_rate", "win rate"), ("lc_win_rate", "length-controlled")]),
               ("mean response length (tokens)", [("mean_length", "batch")])]
     panels = [(t, [(k, lab) for k, lab in lines if any(r.get(k) is not None for r in rounds)]) for t, lines in panels]
     panels = [p for p in panels if p[1]]
@@ -98,7 +114,12 @@ def plot(rounds: list[dict], path: Path, title: str) -> None:
         for key, label in lines:
             ax.plot(x, [r.get(key) for r in rounds], marker="o", label=label)
         ax.set_title(name, fontsize=10)
-        if name.startswith("accuracy"):
+        if name.startswith("win rate"):
+            rows = [r for r in rounds if r.get("win_rate_interval")]
+            ax.fill_between([r["round"] for r in rows], [r["win_rate_interval"][0] for r in rows],
+                            [r["win_rate_interval"][1] for r in rows], alpha=0.2, label="95% interval")
+            ax.axhline(0.5, color="gray", lw=0.8, ls="--")  # π_0 against itself
+        if name.startswith(("accuracy", "win rate")):
             ax.set_ylim(0, 1.02)  # a share: the whole scale, so a small wiggle does not look like a trend
         ax.set_xlabel("round (the policy it starts from)")
         ax.set_xticks(x)

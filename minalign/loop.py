@@ -3,6 +3,7 @@
     round k:  policy π_k ── sample N per prompt (round_k/prompts.jsonl → samples.jsonl)     sample.py
               ── score them (→ scores.jsonl)                                                 score.py
               ── sample and score the held-out prompts (→ eval_samples.jsonl, eval_scores.jsonl)
+              ── judge them against π_0's (k ≥ 1: → compare.json)                           compare.py
               ── evaluate π_k (→ metrics.json)                                               evaluate.py
               ── select (→ train.jsonl)                                                      select.py
               ── train from π_k (→ train/final = π_{k+1})                                    train.py
@@ -10,8 +11,9 @@
 Two recipes:
 - rejection-sampling (Merlinite-7B-pt): keep each prompt's highest-reward sample; SFT π_k on them. Rounds run to
   loop.rounds, or until the batch reward has not improved for loop.patience rounds (Merlinite-7B-pt's reward
-  rose to round 2 and saturated at round 3); the result is the policy with the peak batch reward. (With PairRM,
-  whose scores only rank the samples of one prompt, every round runs and the result is the last policy.)
+  rose to round 2 and saturated at round 3); the result is the policy with the peak batch reward. With PairRM,
+  whose scores only rank the samples of one prompt, the held-out win rate against π_0 takes the batch reward's
+  place (π_0's own is 0.5); without held-out prompts every round runs and the result is the last policy.
 - iterative-dpo (Snorkel-Mistral-PairRM-DPO): chosen = the top-ranked sample, rejected = the bottom-ranked; DPO
   from π_k. The DPO reference is a setting, since public recipes differ: loop.dpo_reference = "previous" (π_k,
   the policy the round starts from) or "initial" (π_0).
@@ -41,10 +43,12 @@ import torch
 from minalign import distributed
 from minalign import sample as sample_stage
 from minalign import score as score_stage
+from minalign.compare import compare_stage
 from minalign.data import atomic_write, read_jsonl, write_jsonl
 from minalign.errors import RunError
 from minalign.evaluate import evaluate, plot, table
-from minalign.loop_setup import LoopConfig, eval_temperature, round_train_config, sample_config, start_run
+from minalign.loop_setup import (LoopConfig, compare_config, eval_temperature, round_train_config, sample_config,
+                                 start_run)
 from minalign.prompts import draw_prompts
 from minalign.runs import on_main, run_lock
 from minalign.select import select
@@ -89,23 +93,29 @@ class Loop:
         rounds: list[dict] = []
         best, since_best = None, 0
         # PairRM's scores are relative to the other samples of a prompt (they sum to 0), so a batch mean compares
-        # nothing across rounds: then every round runs, the result is the last policy, and no round is spent
-        # only measuring it.
+        # nothing across rounds: the held-out win rate against π_0 does. Without held-out prompts every round
+        # runs, the result is the last policy, and no round is spent only measuring it.
         relative = cfg.reward.kind == "pairrm"
+        by_win_rate = relative and self.has_eval
+        key = "win_rate" if by_win_rate else "batch_reward"
+
+        def value(m: dict) -> float:  # what picks the best round; π_0 against itself wins half the time
+            return 0.5 if by_win_rate and m["round"] == 0 else m[key]
         summary = None
         for k in range(cfg.loop.rounds + 1):
-            if relative and k == cfg.loop.rounds:
+            if relative and not by_win_rate and k == cfg.loop.rounds:
                 best = {"round": k, "policy": str(self.policy(k))}
                 summary = self.write_summary(rounds, best)
                 break
-            m = self.measure(k)
-            if best is None or relative or m["batch_reward"] > best["batch_reward"]:
+            last = k == cfg.loop.rounds
+            m = self.measure(k, batch=not (by_win_rate and last))  # the last round's batch reward picks nothing
+            if best is None or (relative and not by_win_rate) or value(m) > value(best):
                 best, since_best = m, 0
             else:
                 since_best += 1
-            stop = k == cfg.loop.rounds
-            if not stop and cfg.loop.patience and not relative and since_best >= cfg.loop.patience:
-                self.log(f"round {k}: no higher batch reward for {since_best} round(s) (loop.patience "
+            stop = last
+            if not stop and cfg.loop.patience and (by_win_rate or not relative) and since_best >= cfg.loop.patience:
+                self.log(f"round {k}: no higher {key.replace('_', ' ')} for {since_best} round(s) (loop.patience "
                          f"{cfg.loop.patience}); stopping")
                 stop = True
             if not stop:
@@ -117,7 +127,8 @@ class Loop:
             if stop:
                 break
         # Round k's metrics describe π_k, the policy round k starts from: round_{k-1}'s training made it.
-        why = "the last" if relative else f"the highest batch reward, {best['batch_reward']:.4g}"
+        why = ("the last" if relative and not by_win_rate else
+               f"the highest {key.replace('_', ' ')}{' against π_0' if by_win_rate else ''}, {value(best):.4g}")
         made = "the starting policy" if best["round"] == 0 else f"trained in round {best['round'] - 1}"
         self.log(f"best policy: π_{best['round']} ({why}; {made}): {best['policy']}")
         self.log(f"summary: {self.run_dir / 'summary.json'}, {self.run_dir / 'summary.png'}, and the link "
@@ -125,31 +136,37 @@ class Loop:
         return summary
 
     # -- one round --------------------------------------------------------------------------------------------
-    def measure(self, k: int) -> dict:
-        """Round k up to its metrics: draw prompts, sample and score them, sample and score the held-out prompts,
-        evaluate π_k. Returns the metrics."""
+    def measure(self, k: int, batch: bool = True) -> dict:
+        """Round k up to its metrics: draw prompts, sample and score them (unless not batch), sample and score the
+        held-out prompts and judge them against π_0's, evaluate π_k. Returns the metrics."""
         cfg, d, run = self.cfg, self.run_dir / f"round_{k}", self.run_dir
         if self.main:
             d.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         seed, device = cfg.loop.seed * 1000 + k, self.device.type
-        self.stage(k, "prompts", d / "prompts.jsonl", lambda: on_main(lambda: write_jsonl(
-            d / "prompts.jsonl", draw_prompts(self.pool, cfg.prompts.per_round, cfg.prompts.by_source,
-                                              cfg.loop.seed, k))))
-        self.run_stage(k, "sample", "sample.py", sample_stage.sample, sample_config(
-            cfg, self.policy(k), d / "prompts.jsonl", d / "samples.jsonl", cfg.sample.n, cfg.sample.temperature,
-            seed, device))
-        self.run_stage(k, "score", "score.py", score_stage.score, cfg.reward.stage_config(
-            d / "samples.jsonl", d / "scores.jsonl", device))
+        if batch:
+            self.stage(k, "prompts", d / "prompts.jsonl", lambda: on_main(lambda: write_jsonl(
+                d / "prompts.jsonl", draw_prompts(self.pool, cfg.prompts.per_round, cfg.prompts.by_source,
+                                                  cfg.loop.seed, k))))
+            self.run_stage(k, "sample", "sample.py", sample_stage.sample, sample_config(
+                cfg, self.policy(k), d / "prompts.jsonl", d / "samples.jsonl", cfg.sample.n,
+                cfg.sample.temperature, seed, device))
+            self.run_stage(k, "score", "score.py", score_stage.score, cfg.reward.stage_config(
+                d / "samples.jsonl", d / "scores.jsonl", device))
+        comparison = None
         if self.has_eval:
             self.run_stage(k, "eval sample", "sample.py", sample_stage.sample, sample_config(
                 cfg, self.policy(k), run / "eval_prompts.jsonl", d / "eval_samples.jsonl", cfg.eval.n,
                 eval_temperature(cfg), seed + 500, device))
             self.run_stage(k, "eval score", "score.py", score_stage.score, cfg.reward.stage_config(
                 d / "eval_samples.jsonl", d / "eval_scores.jsonl", device))
+            if k > 0:  # (a round measured before the comparison existed keeps its metrics.json without one)
+                comparison = compare_config(cfg, k, device)
+                self.run_stage(k, "compare", "score.py", compare_stage, comparison,
+                               done=(d / "metrics.json").exists())
         self.stage(k, "metrics", d / "metrics.json", lambda: on_main(lambda: evaluate(
-            cfg.eval, k, d / "scores.jsonl", d / "eval_scores.jsonl" if self.has_eval else None, str(self.policy(k)),
-            d / "metrics.json")))
+            cfg.eval, k, d / "scores.jsonl" if batch else None, d / "eval_scores.jsonl" if self.has_eval else None,
+            str(self.policy(k)), d / "metrics.json", Path(comparison.out) if comparison else None)))
         return json.loads((d / "metrics.json").read_text())
 
     def improve(self, k: int) -> dict:
@@ -177,9 +194,9 @@ class Loop:
         """π_k: the starting policy, or the model round k−1 trained."""
         return Path(self.cfg.policy.path) if k == 0 else self.run_dir / f"round_{k - 1}" / "train" / "final"
 
-    def stage(self, k: int, name: str, artifact: Path, make: Callable[[], None]) -> None:
-        """Run make() unless artifact exists; then report the stage done."""
-        done = artifact.exists()
+    def stage(self, k: int, name: str, artifact: Path, make: Callable[[], None], done: bool = False) -> None:
+        """Run make() unless artifact exists (or done); then report the stage done."""
+        done = done or artifact.exists()
         distributed.barrier()  # every rank has looked before any writes: all take the same branch
         if done:
             self.log(f"round {k} · {name}: done already ({artifact})")
@@ -192,13 +209,13 @@ class Loop:
             self.log(f"round {k} · {name}: {time.perf_counter() - began:.1f} s -> {artifact}")
         self.after_stage(k, name)
 
-    def run_stage(self, k: int, name: str, script: str, fn: Callable, stage_cfg) -> None:
+    def run_stage(self, k: int, name: str, script: str, fn: Callable, stage_cfg, done: bool = False) -> None:
         """A stage command (sample.py, score.py) in this process, on this process group, into stage_cfg.out; its
         command line is printed first."""
         def make() -> None:
             self.log("  python " + shlex.join(command_line(script, stage_cfg)))
             fn(stage_cfg, self.rank, self.world, self.device)
-        self.stage(k, name, Path(stage_cfg.out), make)
+        self.stage(k, name, Path(stage_cfg.out), make, done)
 
     def write_summary(self, rounds: list[dict], best: dict) -> dict:
         """summary.json, summary.png and the `best` link in the run dir (rank 0; atomically)."""

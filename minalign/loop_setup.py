@@ -1,8 +1,8 @@
 """Everything an alignment loop does before round 0 (train.py with a config that has a [loop] table):
 
 - its settings: the loop's own tables and those of its stages (sample.py's [sample], score.py's [reward],
-  select.py's [select], evaluate.py's [eval], the trainer's [data] (examples.py), [train], [dpo] (train.py)), read
-  and checked;
+  select.py's [select], evaluate.py's [eval] (with compare.py's judge), the trainer's [data] (examples.py),
+  [train], [dpo] (train.py)), read and checked;
 - every stage's settings checked by the stage's own rules, and every prompt rendered as the sample stage will,
   so a mistake is found before any work (not after round 0's sampling, hours into a 7B run);
 - the run dir: loop.json (the settings a restart must repeat), pool.jsonl and eval_prompts.jsonl.
@@ -16,16 +16,18 @@ from pathlib import Path
 
 import json
 
+from minalign import compare as compare_stage
 from minalign import sample as sample_stage
 from minalign import score as score_stage
 from minalign.chat import TEMPLATES
+from minalign.checkpoint import require_dir
 from minalign.data import atomic_write, read_jsonl, write_jsonl
 from minalign.errors import ConfigError, MinalignError, RunError
 from minalign.evaluate import EvalSection
 from minalign.examples import DataSection
 from minalign.logratio import NORMALIZE
 from minalign.prompts import split_pool
-from minalign.rewards import REWARD_KINDS, load_function
+from minalign.rewards import REWARD_KINDS, load_function, parse_spec
 from minalign.rows import read_prompts
 from minalign.runs import changed_settings, on_main
 from minalign.sample import SampleConfig, SampleSection
@@ -184,6 +186,20 @@ def eval_temperature(cfg: LoopConfig) -> float:
     return cfg.eval.temperature if cfg.eval.temperature >= 0 else cfg.sample.temperature
 
 
+def compare_config(cfg: LoopConfig, k: int, device: str) -> compare_stage.CompareConfig:
+    """Round k's comparison of π_k's held-out responses with π_0's, by eval.judge; by default the loop's own
+    reward: PairRM on the samples, any other reward on the scores it gave them already (the same numbers, with no
+    model run again)."""
+    judge, name = cfg.eval.judge, "eval_samples.jsonl"
+    if not judge:
+        judge = cfg.reward.spec() if cfg.reward.kind == "pairrm" else "rewards"
+        name = "eval_samples.jsonl" if cfg.reward.kind == "pairrm" else "eval_scores.jsonl"
+    run = cfg.run_dir
+    return compare_stage.CompareConfig(candidate=str(run / f"round_{k}" / name), baseline=str(run / "round_0" / name),
+                                       judge=judge, out=str(run / f"round_{k}" / "compare.json"), device=device,
+                                       resume=True)
+
+
 def check_stages(cfg: LoopConfig, device: str) -> None:
     """Every setting the sample, score and train stages will read, checked now by the stages' own rules (their
     config checks, score.py's opening of the reward models or import of the reward function, the trainer's
@@ -197,13 +213,21 @@ def check_stages(cfg: LoopConfig, device: str) -> None:
             score_stage.open_scorers(score_cfg)
         elif cfg.reward.kind == "python":
             load_function(cfg.reward.function)  # imports it: a wrong name fails now, not after the first sampling
+
+    def judge() -> None:
+        spec = compare_config(cfg, 1, device).judge
+        compare_stage.check_judge(spec, "eval.judge")
+        if spec.startswith("pairrm:"):
+            require_dir(spec.removeprefix("pairrm:"), "eval.judge pairrm:DIR")
+        elif spec != "rewards" and parse_spec(spec.removeprefix("pairwise:"))[0] == "python":
+            load_function(spec.removeprefix("pairwise:"))
     checks = [("sample", lambda: sample_stage.check_config(sample_config(
                   cfg, policy, run / "prompts.jsonl", run / "samples.jsonl", cfg.sample.n, cfg.sample.temperature,
                   0, device))),
               ("eval sample", lambda: sample_stage.check_config(sample_config(
                   cfg, policy, run / "prompts.jsonl", run / "samples.jsonl", cfg.eval.n, eval_temperature(cfg), 0,
                   device))),
-              ("score", score),
+              ("score", score), ("compare", judge),
               ("train", lambda: open_policy(round_train_config(cfg, 0, policy, run / "train.jsonl", 1)))]
     for name, check in checks:
         try:
@@ -231,6 +255,11 @@ def start_run(cfg: LoopConfig, world: int, device: str, log) -> tuple[list[dict]
     if saved.is_file():
         then = json.loads(saved.read_text())["settings"]
         then.pop("demo", None)  # runs before the demo's settings left the loop config recorded them here too
+        # A setting added since the run began behaved as its default then.
+        defaults = fixed_settings(LoopConfig())
+        for section, keys in settings.items():
+            for key in set(keys) - set(then.get(section, {})):
+                then.setdefault(section, {})[key] = defaults[section][key]
         diffs = changed_settings(then, settings)
         if diffs:
             free = ", ".join(f"{s}.{k}" for s, ks in RESUMABLE_CHANGES.items() for k in sorted(ks))

@@ -3,6 +3,7 @@ best-of-N returns.
 
     rejection-sampling (Merlinite-7B-pt): each prompt's highest-reward candidate  -> SFT rows {"prompt", "response"}
     iterative-dpo (Snorkel): the top-ranked candidate vs the bottom-ranked        -> DPO rows {"prompt", "chosen", "rejected"}
+                             (select.per_token: ranked by reward per response token, so length earns nothing)
 
 Rows are score stage rows: {"id", "prompt", "responses": [{"text", "finish_reason", "reward", ...}, ...]}.
 A candidate is a response that is not empty and that the model ended itself: a response cut at max_new_tokens
@@ -23,6 +24,7 @@ from minalign.rows import training_prompt
 class SelectSection:
     keep_truncated: bool = False  # let responses cut at max_new_tokens be selected (they would be trained to end)
     min_margin: float = 0.0  # iterative-dpo: skip a prompt whose top and bottom rewards differ by this or less
+    per_token: bool = False  # iterative-dpo: rank a prompt's samples by reward / response tokens (a length-normalised reward; reward.normalize mean is per token already)
 
 
 def candidates(row: dict, keep_truncated: bool = False) -> list[int]:
@@ -47,18 +49,19 @@ def select_best(rows: list[dict], keep_truncated: bool = False, system: str = ""
     return out, {"prompts": len(rows), "selected": len(out), "no_candidate": none}
 
 
-def select_pairs(rows: list[dict], keep_truncated: bool = False, min_margin: float = 0.0,
-                 system: str = "") -> tuple[list[dict], dict]:
+def select_pairs(rows: list[dict], keep_truncated: bool = False, min_margin: float = 0.0, system: str = "",
+                 per_token: bool = False) -> tuple[list[dict], dict]:
     """Iterative DPO: chosen = the top-ranked candidate (the first of equals), rejected = the bottom-ranked (the
     last of equals), as {"id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"}; a prompt with
-    fewer than two candidates, or whose rewards differ by no more than min_margin (all tied), gives no pair."""
+    fewer than two candidates, or whose rewards differ by no more than min_margin (all tied), gives no pair.
+    per_token: rank by reward / len(token_ids) (the rewards written are then those per-token values)."""
     out, none, tied = [], 0, 0
     for row in rows:
         cands = candidates(row, keep_truncated)
         if len(cands) < 2:
             none += 1
             continue
-        reward = [row["responses"][j]["reward"] for j in range(len(row["responses"]))]
+        reward = [r["reward"] / (max(1, len(r["token_ids"])) if per_token else 1) for r in row["responses"]]
         top = max(cands, key=lambda j: (reward[j], -j))
         bottom = min(cands, key=lambda j: (reward[j], -j))
         if reward[top] - reward[bottom] <= min_margin:
@@ -85,7 +88,7 @@ def select(cfg: SelectSection, recipe: str, scores: Path, out: Path, system: str
     if recipe == "rejection-sampling":
         picked, stats = select_best(rows, cfg.keep_truncated, system)
     else:
-        picked, stats = select_pairs(rows, cfg.keep_truncated, cfg.min_margin, system)
+        picked, stats = select_pairs(rows, cfg.keep_truncated, cfg.min_margin, system, cfg.per_token)
     if not picked:
         raise MinalignError(f"no prompt of {scores} gave a training row ({stats}); all samples empty, truncated or "
                             f"tied? (raise sample.max_new_tokens)")

@@ -12,7 +12,8 @@ Every rank reads and tokenizes the whole data file (examples.py), so each knows 
 talking; inside a batch, micro-batches are contiguous in length. The plan is a function of (seed, epoch), so the
 data position of a resumed run is its step count. DPO's reference log-probs are computed once, before training,
 by the reference model alone, and cached beside the data file (examples.reference_logprobs); the reference is then
-freed, so one model is in memory while training.
+freed, so one model is in memory while training. SimPO (dpo.loss_type simpo) is reference-free: no reference is
+loaded and nothing is cached.
 
 The step is `train_step`: forward, loss, backward and clip over one global batch; `_train` around it resumes,
 logs metrics.jsonl and writes the checkpoints (checkpoint.save_checkpoint) and final/.
@@ -90,8 +91,10 @@ class TrainSection:
 @dataclass
 class DPOSection:
     beta: float = 0.1  # strength of the pull toward the reference (IPO: τ)
-    loss_type: str = "sigmoid"  # sigmoid | ipo (on per-token mean log-ratios, as TRL) | hinge
+    loss_type: str = "sigmoid"  # sigmoid | ipo (on per-token mean log-ratios, as TRL) | hinge | rdpo (length-regularised) | simpo (reference-free): losses.py
     label_smoothing: float = 0.0  # sigmoid: the chance a preference label is flipped (conservative DPO)
+    alpha: float = 0.0  # rdpo: α, the margin granted per token the chosen response is longer (the R-DPO paper: 0.01-0.05 at β 0.1)
+    gamma: float = 0.5  # simpo: γ, the target reward margin (TRL's simpo_gamma; the SimPO paper pairs β 2-2.5 with γ/β 0.3-0.6)
 
 
 @dataclass
@@ -118,7 +121,7 @@ def check_config(cfg: TrainConfig) -> None:
     t, d = cfg.train, cfg.data
     floats = {"train.lr": t.lr, "train.min_lr_ratio": t.min_lr_ratio, "train.weight_decay": t.weight_decay,
               "train.adam_eps": t.adam_eps, "train.grad_clip": t.grad_clip, "dpo.beta": cfg.dpo.beta,
-              "dpo.label_smoothing": cfg.dpo.label_smoothing}
+              "dpo.label_smoothing": cfg.dpo.label_smoothing, "dpo.alpha": cfg.dpo.alpha, "dpo.gamma": cfg.dpo.gamma}
     problems = {
         f"{', '.join(k for k, v in floats.items() if not math.isfinite(v))} must be finite":
             not all(map(math.isfinite, floats.values())),
@@ -142,7 +145,12 @@ def check_config(cfg: TrainConfig) -> None:
         "data.max_prompt_length must be >= 1 and < data.max_length": not 1 <= d.max_prompt_length < d.max_length,
         f"dpo.loss_type must be one of {LOSS_TYPES}": cfg.dpo.loss_type not in LOSS_TYPES,
         "dpo.beta must be > 0": cfg.dpo.beta <= 0,
-        "dpo.label_smoothing must be in [0, 0.5)": not 0 <= cfg.dpo.label_smoothing < 0.5}
+        "dpo.label_smoothing must be in [0, 0.5)": not 0 <= cfg.dpo.label_smoothing < 0.5,
+        "dpo.label_smoothing applies to the sigmoid loss only": cfg.dpo.label_smoothing > 0
+            and cfg.dpo.loss_type != "sigmoid",
+        "dpo.alpha must be >= 0": cfg.dpo.alpha < 0,
+        "dpo.loss_type simpo is reference-free: leave model.reference empty (loop.dpo_reference has no effect)":
+            t.mode == "dpo" and cfg.dpo.loss_type == "simpo" and bool(cfg.model.reference)}
     bad = [msg for msg, wrong in problems.items() if wrong]
     if bad:
         raise ConfigError("; ".join(bad))
@@ -276,7 +284,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
               f"responses), {world} process(es), {accum} micro-batch(es) of {t.micro_batch_size} per step",
               file=sys.stderr)
 
-    ref = _reference(cfg, examples, world, rank, device, autocast) if t.mode == "dpo" else None
+    needs_ref = t.mode == "dpo" and cfg.dpo.loss_type != "simpo"  # SimPO has no reference at all
+    ref = _reference(cfg, examples, world, rank, device, autocast) if needs_ref else None
     model, optimizer, coef = _policy(cfg, ckpt, world, device)
     if main:
         rewind_metrics(run, ckpt, start)
@@ -350,8 +359,9 @@ def train_step(model, optimizer, lr: float, rows: list[Example], ref: torch.Tens
     it), and the gradient clip; the caller steps the optimizer once the loss is known to be finite.
 
     SFT: loss = −Σ log π(response tokens) / the global batch's target tokens. DPO: loss = Σ dpo_loss(pairs) / the
-    global batch's pairs, against ref [B, 2] (the reference's chosen, rejected sums). Returns (loss, router aux
-    loss, grad norm, rewards [B, 2]: DPO's implicit (chosen, rejected) rewards at this rank's pairs, 0 elsewhere).
+    global batch's pairs, against ref [B, 2] (the reference's chosen, rejected sums; None for simpo). Returns
+    (loss, router aux loss, grad norm, rewards [B, 2]: DPO's implicit (chosen, rejected) rewards at this rank's
+    pairs, 0 elsewhere).
     """
     t = cfg.train
     for group in optimizer.param_groups:
@@ -376,9 +386,11 @@ def train_step(model, optimizer, lr: float, rows: list[Example], ref: torch.Tens
                     out = sequence_logprobs(model, [e.prompt for e in part] * 2,
                                             [e.response for e in part] + [e.rejected for e in part],
                                             batch_tokens=2 * n * cfg.data.max_length)
+                    ref_w, ref_l = (None, None) if ref is None else (ref[mb, 0], ref[mb, 1])
                     pair_losses, chosen_r, rejected_r = dpo_loss(
-                        out.sums[:n], out.sums[n:], ref[mb, 0], ref[mb, 1], cfg.dpo.beta, cfg.dpo.loss_type,
-                        cfg.dpo.label_smoothing, chosen_lengths=out.counts[:n], rejected_lengths=out.counts[n:])
+                        out.sums[:n], out.sums[n:], ref_w, ref_l, cfg.dpo.beta, cfg.dpo.loss_type,
+                        cfg.dpo.label_smoothing, chosen_lengths=out.counts[:n], rejected_lengths=out.counts[n:],
+                        alpha=cfg.dpo.alpha, gamma=cfg.dpo.gamma)
                     loss = pair_losses.sum() / denom
                     rewards[mb] = torch.stack([chosen_r, rejected_r], dim=1).float()
             # × world: DDP/FSDP average gradients over the ranks, and this loss is a share of a global sum.

@@ -20,6 +20,7 @@ from minalign.loop import run_loop
 from minalign.loop_setup import load_loop_config
 from minalign.prompts import draw_prompts, split_pool
 from minalign.select import candidates, select_best, select_pairs
+from tests.test_pairrm import _hf_dir, _random_pairrm, deberta_tok_dir, sp_models, tiny_cfg  # noqa: F401 (fixtures)
 from tests.test_sample_cli import one_thread  # noqa: F401 (autouse: one torch thread)
 from tests.test_trainer import torchrun_train
 
@@ -148,9 +149,11 @@ def test_each_printed_stage_command_redoes_its_artifact_byte_for_byte(models, tm
     printed = [shlex.split(line.split("loop:   python ", 1)[1]) for line in capsys.readouterr().err.splitlines()
                if line.startswith("loop:   python ")]
     assert [argv[0] for argv in printed] == ["sample.py", "score.py", "sample.py", "score.py", "train.py"] * 1 + \
-        ["sample.py", "score.py", "sample.py", "score.py"], printed
+        ["sample.py", "score.py", "sample.py", "score.py", "score.py"], printed
+    assert "--candidate" in printed[-1]  # round 1's comparison with round 0, on the held-out prompts
     mains = {"sample.py": sample_cli.main, "score.py": score_cli.main, "train.py": train_cli.main}
-    for argv in printed[:5]:  # round 0: its samples, scores, held-out samples and scores, and its training
+    # round 0: its samples, scores, held-out samples and scores, and its training; round 1's comparison
+    for argv in printed[:5] + printed[-1:]:
         script, flags = argv[0], argv[1:]
         out_flag = "--train.out" if script == "train.py" else "--out"
         i = flags.index(out_flag) + 1
@@ -161,6 +164,12 @@ def test_each_printed_stage_command_redoes_its_artifact_byte_for_byte(models, tm
         if script == "train.py":  # the weights and their config, not the checkpoints' bookkeeping
             theirs, ours = theirs / "final" / "model.safetensors", ours / "final" / "model.safetensors"
         assert ours.read_bytes() == theirs.read_bytes(), (script, ours)
+    # the round's win rate in metrics.json is that comparison's
+    m = json.loads((run / "round_1" / "metrics.json").read_text())
+    by_hand = json.loads((tmp_path / "again" / "compare.json").read_text())
+    assert by_hand["judge"] == "rewards" and by_hand["prompts"] == 2
+    assert {k: m[k] for k in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval")} == \
+        {k: by_hand[k] for k in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval")}
 
 
 @pytest.mark.parametrize("reference", ["previous", "initial"])
@@ -200,7 +209,8 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_artifacts(models, tm
             break
         except KeyboardInterrupt:
             kills += 1
-    assert kills == len(boundaries) == 2 * 8 + 6  # every stage of rounds 0 and 1 (8), and round 2 (6: no training)
+    # every stage of round 0 (8), of round 1 (9: and its comparison with round 0), and round 2's (7: no training)
+    assert kills == len(boundaries) == 8 + 9 + 7, boundaries
     want, got = _artifacts(tmp_path / "whole"), _artifacts(tmp_path / "cut")
     want = {k: v.replace(b"whole", b"RUN") for k, v in want.items()}
     got = {k: v.replace(b"cut", b"RUN") for k, v in got.items()}
@@ -265,6 +275,15 @@ def test_selection_hand_cases():
     assert select_pairs([_row([1.0, 1.05])], min_margin=0.1)[1]["tied"] == 1
     assert len(select_pairs([_row([1.0, 1.05])], min_margin=0.01)[0]) == 1
     assert select_pairs([_row([5.0, 1.0], texts=["only", ""])])[1]["no_candidate"] == 1  # one candidate: no pair
+    # per_token: ranked by reward per response token. Sums −8 (8 tokens), −3 (1 token), −6 (2 tokens): by the sum
+    # the 2-token one is the chosen, per token (−1, −3, −3) the 8-token one; the last of equals is the rejected
+    long = _row([-8.0, -3.0, -6.0])
+    for r, n in zip(long["responses"], (8, 1, 2)):
+        r["token_ids"] = [1] * n
+    assert [select_pairs([long])[0][0][k] for k in ("chosen", "rejected")] == ["r1", "r0"]
+    rows, _ = select_pairs([long], per_token=True)
+    assert (rows[0]["chosen"], rows[0]["rejected"], rows[0]["chosen_reward"], rows[0]["rejected_reward"]) == \
+        ("r0", "r2", -1.0, -3.0)
     # a system message used in sampling goes into the training row's prompt
     rows, _ = select_best([_row([1.0, 0.0])], system="Be brief.")
     assert rows[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p"}]
@@ -435,3 +454,61 @@ def test_every_setting_is_checked_before_any_work(models, tmp_path, key, value, 
         run_loop(load_loop_config(None, list(over.items())))
     assert phrase in str(e.value), str(e.value)
     assert not out.exists()  # no loop.json, no round_0, not even an empty run dir
+
+
+def test_pairrm_rounds_are_picked_by_win_rate(models, tmp_path, capsys, deberta_tok_dir, tiny_cfg):
+    """With PairRM (scores relative within a prompt) the held-out win rate against π_0 picks the best round: every
+    round from 1 on is judged by PairRM on the held-out samples against round 0's, and the last round samples
+    only the held-out prompts."""
+    d = _hf_dir(tmp_path, deberta_tok_dir, _random_pairrm(tiny_cfg))
+    run = tmp_path / "prm"
+    capsys.readouterr()
+    summary = run_loop(config(models, run, "iterative-dpo", **{"reward.kind": "pairrm", "reward.path": d,
+                                                             "eval.n": 2}))
+    err = capsys.readouterr().err
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and "win_rate" not in rounds[0]
+    for k in (1, 2):
+        c = json.loads((run / f"round_{k}" / "compare.json").read_text())
+        assert c["judge"] == f"pairrm:{d}" and c["candidate"].endswith(f"round_{k}/eval_samples.jsonl")
+        assert c["baseline"].endswith("round_0/eval_samples.jsonl") and c["comparisons"] == 4
+        assert rounds[k]["win_rate"] == c["win_rate"] and rounds[k]["lc_win_rate"] == c["lc_win_rate"]
+    assert not (run / "round_2" / "samples.jsonl").exists() and rounds[2]["batch_reward"] is None
+    best = max(rounds, key=lambda r: (r.get("win_rate", 0.5), -r["round"]))
+    assert summary["best"] == {"round": best["round"], "policy": best["policy"]}
+    assert f"best policy: π_{best['round']} (the highest win rate against π_0, " in err, err[-500:]
+    assert "win rate" in table(rounds) and "LC win rate" in table(rounds)
+
+
+def test_eval_judge_and_old_runs(models, tmp_path, capsys):
+    """[eval] judge names another judge (here a user's pairwise function, on the held-out samples); a mistake in
+    it is found before any work; a run dir from before the judge existed resumes, keeping its metrics."""
+    fn = tmp_path / "judge.py"
+    fn.write_text("def shorter(items):\n"
+                  "    return [float(len(i['candidate']) < len(i['baseline'])) for i in items]\n")
+    run = tmp_path / "j"
+    summary = run_loop(config(models, run, **{"loop.rounds": 1, "eval.judge": f"pairwise:{fn}:shorter"}))
+    c = json.loads((run / "round_1" / "compare.json").read_text())
+    assert c["judge"] == f"pairwise:{fn}:shorter" and c["candidate"].endswith("round_1/eval_samples.jsonl")
+    want = [float(a < b) for p in c["per_prompt"] for a, b in zip(p["candidate_lengths"], p["baseline_lengths"])]
+    assert [v for p in c["per_prompt"] for v in p["preferences"]] == want
+    assert summary["rounds"][1]["win_rate"] == c["win_rate"]
+    for judge, phrase in [(f"pairwise:{fn}:nothing", "has no function 'nothing'"), ("nonsense", "eval.judge"),
+                          (f"pairrm:{tmp_path / 'none'}", "none")]:
+        with pytest.raises(MinalignError, match=phrase):
+            run_loop(config(models, tmp_path / "bad", **{"loop.rounds": 1, "eval.judge": judge}))
+        assert not (tmp_path / "bad").exists()
+    # a run from before: loop.json without the new settings, round 1 measured without a comparison
+    old = tmp_path / "old"
+    run_loop(config(models, old, **{"loop.rounds": 1}))
+    saved = json.loads((old / "loop.json").read_text())
+    for section, key in [("eval", "judge"), ("select", "per_token"), ("dpo", "alpha"), ("dpo", "gamma")]:
+        del saved["settings"][section][key]
+    (old / "loop.json").write_text(json.dumps(saved))
+    (old / "round_1" / "compare.json").unlink()
+    metrics = json.loads((old / "round_1" / "metrics.json").read_text())
+    for key in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval"):
+        del metrics[key]
+    (old / "round_1" / "metrics.json").write_text(json.dumps(metrics))
+    again = run_loop(config(models, old, **{"loop.rounds": 1}))
+    assert again["rounds"][1] == metrics and not (old / "round_1" / "compare.json").exists()

@@ -119,3 +119,68 @@ def test_sft_loss_equals_transformers_causal_lm_loss(tmp_path):
         labels[b, len(p):len(p) + len(r)] = torch.tensor(r)
     ref = hf(ids, labels=labels).loss
     assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_rdpo_by_hand():
+    """R-DPO: −log σ(β h + α (|y_w| − |y_l|)). h = 1, β 0.1, α 0.05: a chosen answer 20 tokens longer gives
+    z = 0.1 + 1 = 1.1, one 20 tokens shorter z = 0.1 − 1 = −0.9; α 0 is the sigmoid loss. The gradient
+    d/d log π(y_w) = −β σ(−z): smaller than DPO's −β σ(−0.1) where the chosen answer is the longer one (the
+    policy learns less from a preference length may explain), larger where it is the shorter one."""
+    pc, pr, rc, rr = pairs([-10.0, -10.0], [-14.0, -14.0], [-12.0, -12.0], [-15.0, -15.0])
+    pc.requires_grad_(True)
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="rdpo", alpha=0.05,
+                                        chosen_lengths=torch.tensor([30, 10]), rejected_lengths=torch.tensor([10, 30]))
+    assert losses.tolist() == pytest.approx([-logsig(1.1), -logsig(-0.9)], abs=1e-12)
+    assert chosen.tolist() == pytest.approx([0.2, 0.2]) and rejected.tolist() == pytest.approx([0.1, 0.1])
+    losses.sum().backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert pc.grad.tolist() == pytest.approx([-0.1 * sig(-1.1), -0.1 * sig(0.9)], abs=1e-12)
+    dpo = -0.1 * sig(-0.1)
+    assert abs(pc.grad[0]) < abs(dpo) < abs(pc.grad[1])
+    same, _, _ = dpo_loss(*MARGIN_ONE, beta=0.1, loss_type="rdpo", alpha=0.0, chosen_lengths=torch.tensor([30]),
+                          rejected_lengths=torch.tensor([10]))
+    assert same.item() == pytest.approx(-logsig(0.1), abs=1e-12)
+
+
+def test_simpo_by_hand():
+    """SimPO: −log σ(β (log π(y_w)/|y_w| − log π(y_l)/|y_l|) − γ), no reference. log π(y_w) −10 over 4 tokens
+    (−2.5 a token), log π(y_l) −14 over 2 (−7); β 2, γ 0.5: z = 2 · 4.5 − 0.5 = 8.5. Rewards β log π / |y|: −5 and
+    −14. d/d log π(y_w) = −(β / |y_w|) σ(−z), d/d log π(y_l) = +(β / |y_l|) σ(−z)."""
+    pc, pr = torch.tensor([-10.0], dtype=torch.float64, requires_grad=True), torch.tensor([-14.0], dtype=torch.float64,
+                                                                                       requires_grad=True)
+    losses, chosen, rejected = dpo_loss(pc, pr, None, None, beta=2.0, loss_type="simpo", gamma=0.5,
+                                        chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    assert losses.item() == pytest.approx(-logsig(8.5), abs=1e-12)
+    assert chosen.item() == pytest.approx(-5.0) and rejected.item() == pytest.approx(-14.0)
+    losses.sum().backward()
+    s = 1 / (1 + math.exp(8.5))
+    assert pc.grad.item() == pytest.approx(-0.5 * s, abs=1e-15) and pr.grad.item() == pytest.approx(1.0 * s, abs=1e-15)
+    with pytest.raises(ValueError, match="simpo is reference-free"):
+        dpo_loss(*MARGIN_ONE, beta=2.0, loss_type="simpo", chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1))
+    with pytest.raises(ValueError, match="the sigmoid loss needs the reference's log-probs"):
+        dpo_loss(pc, pr, None, None, beta=0.1)
+    with pytest.raises(ValueError, match="the simpo loss reads the responses' lengths"):
+        dpo_loss(pc, pr, None, None, beta=2.0, loss_type="simpo")
+
+
+def test_simpo_equals_trl():
+    """TRL's SimPO (the CPO trainer's loss_type "simpo", which averages each response's log-probs over its tokens,
+    with simpo_gamma = γ and cpo_alpha 0): the same losses and rewards."""
+    import os
+    from types import SimpleNamespace
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # its CPO trainer lives in trl.experimental
+    try:
+        from trl.experimental.cpo import CPOTrainer  # trl >= 0.2x
+    except ImportError:
+        from trl import CPOTrainer
+    torch.manual_seed(0)
+    sums_w, sums_l = -30 * torch.rand(8, dtype=torch.float64), -30 * torch.rand(8, dtype=torch.float64)
+    len_w, len_l = torch.randint(1, 40, (8,)), torch.randint(1, 40, (8,))
+    for beta, gamma in [(2.0, 0.5), (2.5, 1.4), (0.1, 0.0)]:
+        trl = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, loss_type="simpo", label_smoothing=0.0,
+                              accelerator=SimpleNamespace(device="cpu"))
+        want = CPOTrainer.cpo_loss(trl, sums_w / len_w, sums_l / len_l)
+        got = dpo_loss(sums_w, sums_l, None, None, beta=beta, loss_type="simpo", gamma=gamma, chosen_lengths=len_w,
+                       rejected_lengths=len_l)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)

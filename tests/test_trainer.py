@@ -276,6 +276,27 @@ def test_dpo_learns_and_caches_reference(model_dir, dpo_data, tmp_path, capsys, 
     assert "from the cache" in capsys.readouterr().err
 
 
+def test_simpo_never_loads_a_reference(model_dir, dpo_data, tmp_path, monkeypatch):
+    """dpo.loss_type simpo is reference-free: the policy is the one model loaded, no reference log-prob is
+    computed or cached, and it learns (its loss falls; chosen is rewarded above rejected)."""
+    cache = train_data.reference_cache_path(dpo_data)
+    cached = cache.read_bytes() if cache.exists() else None
+    loads = []
+    real = minalign.load_model
+    monkeypatch.setattr(minalign, "load_model", lambda path, **kw: loads.append(Path(path)) or real(path, **kw))
+    monkeypatch.setattr(trainer, "reference_logprobs", lambda *a, **kw: pytest.fail("a reference pass"))
+    over = overrides(model_dir, dpo_data, tmp_path / "simpo", "dpo", steps=20, lr=3e-3, warmup_steps=2)
+    cfg = load_config(None, over + [("dpo.loss_type", '"simpo"'), ("dpo.beta", "2.0"), ("dpo.gamma", "0.5")])
+    losses = trainer.train(cfg)["losses"]
+    assert [p for p in loads if tmp_path / "simpo" not in p.parents] == [model_dir]  # (and its own checkpoints)
+    assert (cache.read_bytes() if cache.exists() else None) == cached  # nothing written beside the data
+    assert losses[-1] < 0.5 * losses[0], losses
+    last = json.loads((tmp_path / "simpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["reward_accuracy"] == 1.0 and last["reward_margin"] > 0
+    with pytest.raises(MinalignError, match="simpo is reference-free: leave model.reference empty"):
+        load_config(None, over + [("dpo.loss_type", '"simpo"'), ("model.reference", str(model_dir))])
+
+
 def test_mixtral_router_loss_is_trained_and_logged(merlinite_tokenizer_dir, sft_data, tmp_path):
     (tmp_path / "moe").mkdir()
     moe = tiny_dir(tmp_path / "moe", merlinite_tokenizer_dir, "mixtral")
