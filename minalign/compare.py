@@ -38,12 +38,14 @@ the annotations of many leaderboard models for its 805 instructions, regularises
 fits with an L1 penalty chosen by cross-validation. Two policies on one's own prompts have none of that, so the
 term is dropped and the mean over instructions of σ(θ + (ψ_m − ψ_b)γ_x) becomes σ(θ); a tiny L2 penalty
 (RIDGE) keeps θ finite when every P is 0 or 1. With no spread in Δ (every pair differs by the same number of
-characters), the length term cannot be told from θ: it is left out (length_coef null) and LC = W.
+characters), the length term cannot be told from θ: it is left out (length_coef null) and LC ≈ W (equal but for
+the penalty: 0.99993 when every P is 1).
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +110,8 @@ def read_side(path: Path, flag_name: str, bad: BadRows) -> dict:
     rows = {}
     for line, row in read_jsonl(path, on_error=bad):
         try:
-            if "id" not in row:
-                raise ValueError('a samples row needs an "id"')
+            if isinstance(row.get("id"), bool) or not isinstance(row.get("id"), (str, int)):
+                raise ValueError(f'a samples row needs an "id", a string or an integer; got {row.get("id")!r}')
             sample_prompt(row)
             response_texts(row)
             if row["id"] in rows:
@@ -133,7 +135,7 @@ def matchups(candidate: Path, baseline: Path, bad: BadRows) -> list[tuple[dict, 
             bad(DataError(candidate, line, f"id {key!r} is not in --baseline {baseline}"))
             continue
         bline, brow = base[key]
-        if brow["prompt"] != row["prompt"]:
+        if sample_prompt(brow) != sample_prompt(row):  # "q" and [{"role": "user", "content": "q"}] are one prompt
             bad(DataError(baseline, bline, f"id {key!r}: its prompt is not the one on line {line} of --candidate"))
         elif len(brow["responses"]) != len(row["responses"]):
             bad(DataError(baseline, bline, f"id {key!r} has {len(brow['responses'])} responses, line {line} of "
@@ -183,6 +185,7 @@ def judge_pairs(judge: str, pairs: list[tuple[dict, dict]], device: torch.device
 
 
 def _reward(response: dict, judge: str, side: str) -> float:
+    """The "reward" a scored response carries; RewardError when it has none."""
     value = response.get("reward")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RewardError(f"--judge {judge}: a {side} response has no finite \"reward\" (got {value!r}): give "
@@ -197,12 +200,13 @@ def _probabilities(values, n: int, judge: str) -> list[float]:
         got = f"{len(values)} items" if isinstance(values, (list, tuple)) else type(values).__name__
         raise RewardError(f"judge {judge}: expected one probability per comparison ({n}), got {got}")
     for k, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:  # numpy's scalars are Reals
             raise RewardError(f"judge {judge}: comparison {k}: {v!r} is not a probability in [0, 1]")
     return [float(v) for v in values]
 
 
 def _per_prompt(flat: list[float], pairs: list[tuple[dict, dict]]) -> list[list[float]]:
+    """A flat list of one value per response pair, cut into one list per prompt."""
     out, at = [], 0
     for crow, _ in pairs:
         n = len(crow["responses"])
@@ -223,6 +227,8 @@ def fit_length_glm(p: np.ndarray, x: np.ndarray, weights: np.ndarray) -> tuple[n
         g0, g1 = r.sum(1) + RIDGE * theta, (r * x).sum(1) + RIDGE * phi  # the gradient
         a, b, c = h.sum(1) + RIDGE, (h * x).sum(1), (h * x * x).sum(1) + RIDGE  # the Hessian [[a, b], [b, c]]
         det = a * c - b * b
+        # A capped step: plain Newton on a logistic loss can overshoot from θ = φ = 0 when the targets are almost
+        # separable (every P near 1); capped, it walks there and converges in a few more steps.
         d0, d1 = np.clip((c * g0 - b * g1) / det, -4, 4), np.clip((a * g1 - b * g0) / det, -4, 4)
         theta, phi = theta - d0, phi - d1
         if max(np.abs(d0).max(), np.abs(d1).max()) < 1e-10:
@@ -233,6 +239,9 @@ def fit_length_glm(p: np.ndarray, x: np.ndarray, weights: np.ndarray) -> tuple[n
 def win_rates(prefs: list[list[float]], deltas: list[list[float]], bootstrap: int = 1000, seed: int = 0) -> dict:
     """Win rate, length-controlled win rate, φ and their 95% percentile-bootstrap intervals (resampling prompts)
     of each prompt's preferences P and length differences Δ (module doc)."""
+    if bootstrap < 1 or not prefs:
+        raise ConfigError(f"a comparison needs prompts and bootstrap >= 1 (got {len(prefs)} prompts, bootstrap "
+                          f"{bootstrap})")
     sizes = np.array([len(v) for v in prefs])
     p, delta = np.array([v for row in prefs for v in row]), np.array([d for row in deltas for d in row], float)
     owner = np.repeat(np.arange(len(prefs)), sizes)  # [m]: the prompt of each pair

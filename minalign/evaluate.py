@@ -52,11 +52,16 @@ def evaluate(cfg: EvalSection, k: int, scores: Path | None, eval_scores: Path | 
         raise RewardError(f"eval.metric {cfg.metric}: {e}") from None
     m = round_metrics(k, rows, evals, accuracy)
     if comparison is not None:
-        c = json.loads(comparison.read_text())
-        m.update({key: c[key] for key in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval")})
+        m.update(win_rate_metrics(comparison))
     m["policy"] = policy
     atomic_write(out, json.dumps(m, indent=1) + "\n")
     return m
+
+
+def win_rate_metrics(comparison: Path) -> dict:
+    """The metrics of a comparison with π_0 (compare.json): its win rates and their intervals."""
+    c = json.loads(comparison.read_text())
+    return {key: c[key] for key in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval")}
 
 
 def _mean(values) -> float | None:

@@ -46,7 +46,7 @@ from minalign import score as score_stage
 from minalign.compare import compare_stage
 from minalign.data import atomic_write, read_jsonl, write_jsonl
 from minalign.errors import RunError
-from minalign.evaluate import evaluate, plot, table
+from minalign.evaluate import evaluate, plot, table, win_rate_metrics
 from minalign.loop_setup import (LoopConfig, compare_config, eval_temperature, round_train_config, sample_config,
                                  start_run)
 from minalign.prompts import draw_prompts
@@ -160,14 +160,17 @@ class Loop:
                 eval_temperature(cfg), seed + 500, device))
             self.run_stage(k, "eval score", "score.py", score_stage.score, cfg.reward.stage_config(
                 d / "eval_samples.jsonl", d / "eval_scores.jsonl", device))
-            if k > 0:  # (a round measured before the comparison existed keeps its metrics.json without one)
+            if k > 0:
                 comparison = compare_config(cfg, k, device)
-                self.run_stage(k, "compare", "score.py", compare_stage, comparison,
-                               done=(d / "metrics.json").exists())
+                self.run_stage(k, "compare", "score.py", compare_stage, comparison)
         self.stage(k, "metrics", d / "metrics.json", lambda: on_main(lambda: evaluate(
             cfg.eval, k, d / "scores.jsonl" if batch else None, d / "eval_scores.jsonl" if self.has_eval else None,
             str(self.policy(k)), d / "metrics.json", Path(comparison.out) if comparison else None)))
-        return json.loads((d / "metrics.json").read_text())
+        m = json.loads((d / "metrics.json").read_text())
+        if comparison is not None and "win_rate" not in m:  # measured before the loop compared rounds: add it
+            m.update(win_rate_metrics(Path(comparison.out)))
+            on_main(lambda: atomic_write(d / "metrics.json", json.dumps(m, indent=1) + "\n"))
+        return m
 
     def improve(self, k: int) -> dict:
         """Round k's selection and training (π_k → π_{k+1}); returns the selection counts."""
@@ -194,9 +197,9 @@ class Loop:
         """π_k: the starting policy, or the model round k−1 trained."""
         return Path(self.cfg.policy.path) if k == 0 else self.run_dir / f"round_{k - 1}" / "train" / "final"
 
-    def stage(self, k: int, name: str, artifact: Path, make: Callable[[], None], done: bool = False) -> None:
-        """Run make() unless artifact exists (or done); then report the stage done."""
-        done = done or artifact.exists()
+    def stage(self, k: int, name: str, artifact: Path, make: Callable[[], None]) -> None:
+        """Run make() unless artifact exists; then report the stage done."""
+        done = artifact.exists()
         distributed.barrier()  # every rank has looked before any writes: all take the same branch
         if done:
             self.log(f"round {k} · {name}: done already ({artifact})")
@@ -209,13 +212,13 @@ class Loop:
             self.log(f"round {k} · {name}: {time.perf_counter() - began:.1f} s -> {artifact}")
         self.after_stage(k, name)
 
-    def run_stage(self, k: int, name: str, script: str, fn: Callable, stage_cfg, done: bool = False) -> None:
+    def run_stage(self, k: int, name: str, script: str, fn: Callable, stage_cfg) -> None:
         """A stage command (sample.py, score.py) in this process, on this process group, into stage_cfg.out; its
         command line is printed first."""
         def make() -> None:
             self.log("  python " + shlex.join(command_line(script, stage_cfg)))
             fn(stage_cfg, self.rank, self.world, self.device)
-        self.stage(k, name, Path(stage_cfg.out), make, done)
+        self.stage(k, name, Path(stage_cfg.out), make)
 
     def write_summary(self, rounds: list[dict], best: dict) -> dict:
         """summary.json, summary.png and the `best` link in the run dir (rank 0; atomically)."""

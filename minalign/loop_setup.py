@@ -121,6 +121,11 @@ def load_loop_config(source: str | dict | None, overrides: list[tuple[str, str]]
         "reward.path is required for a pairrm reward": r.kind == "pairrm" and not r.path,
         "reward.function is required for a python reward": r.kind == "python" and not r.function,
         f"reward.normalize must be one of {NORMALIZE}": r.normalize not in NORMALIZE,
+        # reward / tokens is a per-token mean only for a sum of per-token terms (a PairRM or Python score of
+        # either sign would favour long answers when negative and short ones when positive)
+        "select.per_token ranks iterative-dpo's samples by the per-token log ratio: it needs reward.kind log-ratio "
+        "with reward.normalize sum": cfg.select.per_token and (lp.recipe != "iterative-dpo" or r.kind != "log-ratio"
+                                                               or r.normalize != "sum"),
     }
     bad = [msg for msg, wrong in problems.items() if wrong]
     if bad:
@@ -190,10 +195,8 @@ def compare_config(cfg: LoopConfig, k: int, device: str) -> compare_stage.Compar
     """Round k's comparison of π_k's held-out responses with π_0's, by eval.judge; by default the loop's own
     reward: PairRM on the samples, any other reward on the scores it gave them already (the same numbers, with no
     model run again)."""
-    judge, name = cfg.eval.judge, "eval_samples.jsonl"
-    if not judge:
-        judge = cfg.reward.spec() if cfg.reward.kind == "pairrm" else "rewards"
-        name = "eval_samples.jsonl" if cfg.reward.kind == "pairrm" else "eval_scores.jsonl"
+    judge = cfg.eval.judge or (cfg.reward.spec() if cfg.reward.kind == "pairrm" else "rewards")
+    name = "eval_scores.jsonl" if judge == "rewards" else "eval_samples.jsonl"
     run = cfg.run_dir
     return compare_stage.CompareConfig(candidate=str(run / f"round_{k}" / name), baseline=str(run / "round_0" / name),
                                        judge=judge, out=str(run / f"round_{k}" / "compare.json"), device=device,
@@ -217,10 +220,14 @@ def check_stages(cfg: LoopConfig, device: str) -> None:
     def judge() -> None:
         spec = compare_config(cfg, 1, device).judge
         compare_stage.check_judge(spec, "eval.judge")
-        if spec.startswith("pairrm:"):
-            require_dir(spec.removeprefix("pairrm:"), "eval.judge pairrm:DIR")
-        elif spec != "rewards" and parse_spec(spec.removeprefix("pairwise:"))[0] == "python":
-            load_function(spec.removeprefix("pairwise:"))
+        if spec == "rewards":
+            return
+        kind, options = parse_spec(spec.removeprefix("pairwise:"))
+        if kind == "python":
+            load_function(spec.removeprefix("pairwise:"))  # imports it: a wrong name fails now
+        for key in ("path", "policy", "reference"):  # pairrm:DIR, log-ratio:policy=DIR,reference=DIR
+            if options.get(key):
+                require_dir(options[key], f"eval.judge {spec}:")
     checks = [("sample", lambda: sample_stage.check_config(sample_config(
                   cfg, policy, run / "prompts.jsonl", run / "samples.jsonl", cfg.sample.n, cfg.sample.temperature,
                   0, device))),

@@ -3,7 +3,8 @@ best-of-N returns.
 
     rejection-sampling (Merlinite-7B-pt): each prompt's highest-reward candidate  -> SFT rows {"prompt", "response"}
     iterative-dpo (Snorkel): the top-ranked candidate vs the bottom-ranked        -> DPO rows {"prompt", "chosen", "rejected"}
-                             (select.per_token: ranked by reward per response token, so length earns nothing)
+                             (select.per_token: ranked by the log ratio per response token, so a long answer
+                              does not win by summing more terms)
 
 Rows are score stage rows: {"id", "prompt", "responses": [{"text", "finish_reason", "reward", ...}, ...]}.
 A candidate is a response that is not empty and that the model ended itself: a response cut at max_new_tokens
@@ -24,7 +25,7 @@ from minalign.rows import training_prompt
 class SelectSection:
     keep_truncated: bool = False  # let responses cut at max_new_tokens be selected (they would be trained to end)
     min_margin: float = 0.0  # iterative-dpo: skip a prompt whose top and bottom rewards differ by this or less
-    per_token: bool = False  # iterative-dpo: rank a prompt's samples by reward / response tokens (a length-normalised reward; reward.normalize mean is per token already)
+    per_token: bool = False  # iterative-dpo with a log-ratio reward (normalize sum): rank a prompt's samples by reward / response tokens, the per-token log ratio (min_margin is then per token too)
 
 
 def candidates(row: dict, keep_truncated: bool = False) -> list[int]:

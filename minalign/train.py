@@ -149,8 +149,10 @@ def check_config(cfg: TrainConfig) -> None:
         "dpo.label_smoothing applies to the sigmoid loss only": cfg.dpo.label_smoothing > 0
             and cfg.dpo.loss_type != "sigmoid",
         "dpo.alpha must be >= 0": cfg.dpo.alpha < 0,
-        "dpo.loss_type simpo is reference-free: leave model.reference empty (loop.dpo_reference has no effect)":
-            t.mode == "dpo" and cfg.dpo.loss_type == "simpo" and bool(cfg.model.reference)}
+        "dpo.loss_type rdpo needs dpo.alpha > 0 (with 0 it is the sigmoid loss)":
+            cfg.dpo.loss_type == "rdpo" and cfg.dpo.alpha == 0,
+        "dpo.loss_type simpo is reference-free: leave model.reference empty (in a loop: loop.dpo_reference "
+        "previous)": t.mode == "dpo" and cfg.dpo.loss_type == "simpo" and bool(cfg.model.reference)}
     bad = [msg for msg, wrong in problems.items() if wrong]
     if bad:
         raise ConfigError("; ".join(bad))

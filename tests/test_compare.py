@@ -204,6 +204,7 @@ def test_help_of_compare_mode(capsys):
     ("count", "base.jsonl:2: id 1 has 1 responses, line 2 of --candidate 2"),
     ("json", "base.jsonl:2: "),
     ("duplicate", "cand.jsonl:4: id 0 is on line 1 already"),
+    ("list id", 'cand.jsonl:2: a samples row needs an "id", a string or an integer; got [1]'),
 ])
 def test_bad_files_are_one_line_naming_file_and_line(tmp_path, judges, capsys, case, phrase):
     rows = [{"id": k, "prompt": f"q{k}", "responses": [{"text": "a"}, {"text": "bb"}]} for k in range(3)]
@@ -218,6 +219,8 @@ def test_bad_files_are_one_line_naming_file_and_line(tmp_path, judges, capsys, c
         base[1]["responses"] = base[1]["responses"][:1]
     elif case == "duplicate":
         cand.append(dict(cand[0]))
+    elif case == "list id":
+        cand[1]["id"] = [1]
     c, b = write_samples(tmp_path / "cand.jsonl", cand), write_samples(tmp_path / "base.jsonl", base)
     if case == "json":
         lines = b.read_text().splitlines()
@@ -231,6 +234,20 @@ def test_bad_files_are_one_line_naming_file_and_line(tmp_path, judges, capsys, c
     assert code == 0 and "score.py: skipped " in err, err
     r = json.loads(out.read_text())
     assert r["skipped"] and r["prompts"] == (3 if case in ("extra", "duplicate") else 2)
+
+
+def test_a_prompt_as_text_or_as_one_message_is_the_same_prompt(tmp_path, judges):
+    """The two files may write a prompt either way (sample.py keeps what the prompts file had); numpy's floats are
+    probabilities too; bootstrap must be at least 1."""
+    cand = [{"id": "a", "prompt": "q", "responses": [{"text": "right"}]}]
+    base = [{"id": "a", "prompt": [{"role": "user", "content": "q"}], "responses": [{"text": "wrong"}]}]
+    c, b = write_samples(tmp_path / "c.jsonl", cand), write_samples(tmp_path / "b.jsonl", base)
+    assert compare(c, b, f"pairwise:{judges}:right")["win_rate"] == 1.0
+    (tmp_path / "np_judge.py").write_text("import numpy as np\ndef half(items):\n"
+                                          "    return [np.float32(0.5) for _ in items]\n")
+    assert compare(c, b, f"pairwise:{tmp_path / 'np_judge.py'}:half")["win_rate"] == 0.5
+    with pytest.raises(MinalignError, match="bootstrap >= 1"):
+        compare(c, b, f"pairwise:{judges}:right", bootstrap=0)
 
 
 @pytest.mark.parametrize("judge, phrase", [

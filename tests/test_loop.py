@@ -443,6 +443,9 @@ def test_prompts_are_checked_before_any_work(models, tmp_path):
     ("train.seed", str(2**63), "train.seed must be in [0, 2147483648)"),
     ("loop.epochs", "nan", "loop.epochs and loop.warmup_ratio must be finite"),
     ("data.max_length", "5000", "data.max_length 5000 exceeds the context of 256 tokens"),
+    ("select.per_token", "true", "select.per_token ranks iterative-dpo's samples by the per-token log ratio"),
+    ("eval.judge", "log-ratio:policy=/nowhere/judge,policy_template=mistral", "/nowhere/judge"),
+    ("dpo.loss_type", '"rdpo"', "dpo.loss_type rdpo needs dpo.alpha > 0"),
 ])
 def test_every_setting_is_checked_before_any_work(models, tmp_path, key, value, phrase):
     """Each of these used to pass the start-up checks, write loop.json and fail hours later (after round 0's
@@ -478,6 +481,12 @@ def test_pairrm_rounds_are_picked_by_win_rate(models, tmp_path, capsys, deberta_
     assert summary["best"] == {"round": best["round"], "policy": best["policy"]}
     assert f"best policy: π_{best['round']} (the highest win rate against π_0, " in err, err[-500:]
     assert "win rate" in table(rounds) and "LC win rate" in table(rounds)
+    # a run from before the comparisons: round 1 measured without one gets it when the run is started again
+    (run / "round_1" / "compare.json").unlink()
+    m = json.loads((run / "round_1" / "metrics.json").read_text())
+    (run / "round_1" / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if "win_rate" not in k}))
+    assert run_loop(config(models, run, "iterative-dpo", **{"reward.kind": "pairrm", "reward.path": d,
+                                                            "eval.n": 2})) == summary
 
 
 def test_eval_judge_and_old_runs(models, tmp_path, capsys):
@@ -510,5 +519,12 @@ def test_eval_judge_and_old_runs(models, tmp_path, capsys):
     for key in ("win_rate", "win_rate_interval", "lc_win_rate", "lc_win_rate_interval"):
         del metrics[key]
     (old / "round_1" / "metrics.json").write_text(json.dumps(metrics))
-    again = run_loop(config(models, old, **{"loop.rounds": 1}))
-    assert again["rounds"][1] == metrics and not (old / "round_1" / "compare.json").exists()
+    again = run_loop(config(models, old, **{"loop.rounds": 1}))  # the comparison is made and added
+    c = json.loads((old / "round_1" / "compare.json").read_text())
+    assert again["rounds"][1] == {**metrics, **{k: c[k] for k in ("win_rate", "win_rate_interval", "lc_win_rate",
+                                                                  "lc_win_rate_interval")}}
+    assert json.loads((old / "round_1" / "metrics.json").read_text()) == again["rounds"][1]
+    # eval.judge "rewards" said outright: the rewards the eval scores carry, as the default
+    run_loop(config(models, tmp_path / "r", **{"loop.rounds": 1, "eval.judge": "rewards"}))
+    c = json.loads((tmp_path / "r" / "round_1" / "compare.json").read_text())
+    assert c["judge"] == "rewards" and c["candidate"].endswith("round_1/eval_scores.jsonl")
