@@ -117,7 +117,9 @@ def plot(rounds: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (name, lines) in zip(axes[0], panels):
         for key, label in lines:
-            ax.plot(x, [r.get(key) for r in rounds], marker="o", label=label)
+            dashed = key == "lc_win_rate"  # it often lies on the win rate: dashed, so both show
+            ax.plot(x, [r.get(key) for r in rounds], marker="s" if dashed else "o", ls="--" if dashed else "-",
+                    label=label)
         ax.set_title(name, fontsize=10)
         if name.startswith("win rate"):
             rows = [r for r in rounds if r.get("win_rate_interval")]
