@@ -130,16 +130,20 @@ def output_done(out: Path, prog: str, *, resume: bool, overwrite: bool, **inputs
         raise RunError(f"--out {out} is a directory; give a file path")
     if not out.parent.is_dir():
         raise RunError(f"--out {out}: directory {out.parent} does not exist")
+    done = False
     if overwrite:  # from the start: an unfinished earlier run's partial files go too
         on_main(lambda: [p.unlink() for p in existing_partials(out)])
     elif out.exists():
-        if resume:
-            if distributed.is_main():
-                print(f"{prog}: {out} is complete already; nothing to do (its settings are not checked again: "
-                      f"--overwrite redoes it)", file=sys.stderr)
-            return True
-        raise RunError(f"--out {out} exists (a finished run); --overwrite redoes it, or choose another --out")
-    return False
+        if not resume:
+            raise RunError(f"--out {out} exists (a finished run); --overwrite redoes it, or choose another --out")
+        if distributed.is_main():
+            print(f"{prog}: {out} is complete already; nothing to do (its settings are not checked again: "
+                  f"--overwrite redoes it)", file=sys.stderr)
+        done = True
+    # Every rank has looked before rank 0 can write out: else a rank that looks late finds it done, skips the
+    # stage's collectives, and the others wait for it forever.
+    distributed.barrier()
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- partial files

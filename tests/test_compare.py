@@ -274,3 +274,38 @@ def test_rewards_judge_needs_rewards(tmp_path, capsys):
     assert code == 2 and 'a candidate response has no finite "reward"' in err, err
     with pytest.raises(MinalignError, match="no rows"):
         compare(write_samples(tmp_path / "e.jsonl", []), b, "rewards")
+
+
+LATE_RANK = '''
+import os, sys, time
+from minalign import compare
+real = compare.output_done
+
+def late(*args, **kwargs):  # rank 1 looks at --out only after rank 0 could have written it
+    if os.environ["RANK"] == "1":
+        time.sleep(3)
+    return real(*args, **kwargs)
+
+compare.output_done = late
+sys.path.insert(0, sys.argv.pop(1))
+import score
+sys.exit(score.main(sys.argv[1:]))
+'''
+
+
+def test_under_torchrun_a_rank_that_looks_late_still_takes_the_same_branch(files, judges, tmp_path):
+    """torchrun, 2 ranks, rank 1 slow to check --out: rank 0 may not write it before every rank has looked (it did,
+    and rank 1 then found the stage done, left for the loop's next barrier, and rank 0 waited forever)."""
+    import subprocess
+    import sys
+    from tests.test_sample_cli import ENV, ROOT
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK)
+    out = tmp_path / "cmp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(ROOT), "--candidate", str(files[0]), "--baseline", str(files[1]), "--judge",
+           f"pairwise:{judges}:longer", "--out", str(out), "--resume", "--device", "cpu"]
+    run = subprocess.run(cmd, cwd=ROOT, env={**ENV, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(out.read_text())["prompts"] == 300
