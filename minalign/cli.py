@@ -95,7 +95,7 @@ def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable,
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:
-        rank, world, device = distributed.init(cfg.device)
+        rank, world, device = distributed.init(getattr(cfg, "device", None))  # (the report has no device)
     except MinalignError as e:  # before the process group exists (a bad MINALIGN_HEARTBEAT_TIMEOUT)
         print(f"{prog}: [rank {os.environ.get('RANK')}] error: {e}", file=sys.stderr)
         return 2

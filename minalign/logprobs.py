@@ -37,13 +37,15 @@ class SequenceLogprobs:
     sums: Tensor  # [N] fp32: Σ_t log π(response_t | prompt, response_<t)
     counts: Tensor  # [N] int64: the number of terms of each sum
     aux_loss: Tensor  # []: Mixtral's router load-balancing loss, the mean over the forwards (0 for a dense model)
+    terms: list[Tensor] | None = None  # with per_token: each sum's terms log π(response_t | ...), [counts[i]] fp32
 
     def __iter__(self):
         return iter((self.sums, self.counts))
 
 
 def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], *,
-                      batch_tokens: int = 16384, response_masks: list[list[bool]] | None = None) -> SequenceLogprobs:
+                      batch_tokens: int = 16384, response_masks: list[list[bool]] | None = None,
+                      per_token: bool = False) -> SequenceLogprobs:
     """(sums [N] fp32, counts [N] int64, aux_loss): Σ_t log π(response_t | prompt, response_<t), the number of
     terms, and the router's load-balancing loss (for training; padding excluded).
 
@@ -54,7 +56,7 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     response_masks: per response, which of its tokens count (a multi-turn SFT conversation after its first
     reply: the later user turns are context, not targets); None counts every response token.
     model may be a wrapper with the Transformer as `.module` (DDP): it is called, its `.module` supplies the
-    config and the lm_head weight.
+    config and the lm_head weight. per_token: also return each sum's terms (`terms`), the very values summed.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -72,8 +74,10 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     N = len(prompts)
     aux = torch.zeros((), dtype=torch.float32, device=device)
     if N == 0:
-        return SequenceLogprobs(torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device), aux)
+        return SequenceLogprobs(torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device), aux,
+                                [] if per_token else None)
     sums = torch.zeros(N, dtype=torch.float32, device=device)
+    terms: list[Tensor | None] = [None] * N
     counts = torch.tensor([len(r) if response_masks is None else sum(response_masks[i])
                            for i, r in enumerate(responses)], dtype=torch.long, device=device)
     batches = pack_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], batch_tokens)
@@ -100,4 +104,7 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         logp = token_logprobs(hidden[picked], core.lm_head.weight, targets[picked])  # [n_response_tokens]
         rows = torch.tensor(batch, device=device)[:, None].expand(len(batch), T)[picked]
         sums = sums.index_add(0, rows, logp)
-    return SequenceLogprobs(sums, counts, aux)
+        if per_token:  # logp is row-major over picked: each sequence's terms in order, one sequence after another
+            for i, part in zip(batch, logp.detach().split(picked.sum(1).tolist())):
+                terms[i] = part
+    return SequenceLogprobs(sums, counts, aux, terms if per_token else None)

@@ -130,21 +130,27 @@ def cut_batches(sequences: list[Sequence], batch_tokens: int) -> list[list[int]]
     return pack_by_length([len(p) + len(r) for p, r in sequences], batch_tokens)
 
 
-def batch_logprobs(model, sequences: list[Sequence]) -> list[float]:
-    """Σ log π(response | prompt) of each sequence, computed in one forward (as float, in order)."""
+def batch_logprobs(model, sequences: list[Sequence], terms: list | None = None) -> list[float]:
+    """Σ log π(response | prompt) of each sequence, computed in one forward (as float, in order); terms, if given,
+    gets each sum's per-token terms appended (lists of float, from the same forward)."""
     prompts, responses = zip(*sequences)
     padded = len(sequences) * max(len(p) + len(r) for p, r in sequences)
     # A budget of exactly the padded size: sequence_logprobs packs the batch into one forward, which FSDP's
     # lockstep counts on (every rank must run as many forwards as every other).
     with torch.no_grad():
-        sums, _ = sequence_logprobs(model, list(prompts), list(responses), batch_tokens=padded)
-    return sums.cpu().tolist()
+        out = sequence_logprobs(model, list(prompts), list(responses), batch_tokens=padded,
+                                per_token=terms is not None)
+    if terms is not None:
+        terms.extend(t.float().cpu().tolist() for t in out.terms)
+    return out.sums.cpu().tolist()
 
 
 def scored_row(row: dict, policy: list[float], reference: list[float] | None, counts: list[int], *,
-               beta: float = 1.0, normalize: str = "sum") -> dict:
+               beta: float = 1.0, normalize: str = "sum", policy_terms: list[list[float]] | None = None,
+               reference_terms: list[list[float]] | None = None) -> dict:
     """row with each response gaining "reward", "policy_logprob", "reference_logprob" (not when reference-free)
-    and "num_tokens"; all other fields as they were, in their order."""
+    and "num_tokens", and with the per-token terms of those sums, "policy_token_logprobs" and
+    "reference_token_logprobs"; all other fields as they were, in their order."""
     responses = []
     for j, r in enumerate(row["responses"]):
         ref = None if reference is None else reference[j]
@@ -152,7 +158,12 @@ def scored_row(row: dict, policy: list[float], reference: list[float] | None, co
              "policy_logprob": policy[j]}
         if ref is not None:
             r["reference_logprob"] = ref
-        responses.append({**r, "num_tokens": counts[j]})
+        r["num_tokens"] = counts[j]
+        if policy_terms is not None:
+            r["policy_token_logprobs"] = policy_terms[j]
+        if reference_terms is not None:
+            r["reference_token_logprobs"] = reference_terms[j]
+        responses.append(r)
     return {**row, "responses": responses}
 
 
@@ -186,10 +197,11 @@ def load_scorer_model(scorer: Scorer, dtype: torch.dtype | None, device: torch.d
 
 def score_pass(p: int, name: str, scorer: Scorer, jobs: list[ScoreJob], done: dict, append, *, batch_tokens: int,
                dtype: torch.dtype | None, device: torch.device, rank: int = 0, world: int = 1, fsdp: bool = False,
-               where: str = "rows", progress: bool = False) -> tuple[int, float]:
+               where: str = "rows", progress: bool = False, terms: dict | None = None) -> tuple[int, float]:
     """Score this rank's share of every response with model p (`name`): done[name, line, j] = Σ log π of each, and
     append([[line, j, sum]...]) after each forward (a resumable stage keeps them); return the tokens fed to the
-    model and the seconds that took (after loading it). Responses already in done are not scored again.
+    model and the seconds that took (after loading it). Responses already in done are not scored again. terms, if
+    given, also gets each sum's per-token terms, terms[name, line, j], and append gets [line, j, sum, terms].
 
     The forwards are cut from all responses (longest first, at most batch_tokens padded tokens) before they are
     dealt to the ranks whole, so one process, N ranks, FSDP and a resumed run compute the very same forwards.
@@ -217,7 +229,8 @@ def score_pass(p: int, name: str, scorer: Scorer, jobs: list[ScoreJob], done: di
             batch_logprobs(model, [([0], [0])])
             continue
         batch = mine[step]
-        values = batch_logprobs(model, [seqs[i] for i in batch])
+        per_token = [] if terms is not None else None
+        values = batch_logprobs(model, [seqs[i] for i in batch], per_token)
         if not all(map(math.isfinite, values)):  # JSON has no NaN; and a NaN reward would rank nothing
             k = next(k for k, v in enumerate(values) if not math.isfinite(v))
             line, j = keys[batch[k]]
@@ -225,7 +238,12 @@ def score_pass(p: int, name: str, scorer: Scorer, jobs: list[ScoreJob], done: di
                                          f"in {dtype}? try --dtype bfloat16 or float32)")
         for i, v in zip(batch, values):
             done[(name, *keys[i])] = v
-        append([[*keys[i], v] for i, v in zip(batch, values)])
+        if terms is None:
+            append([[*keys[i], v] for i, v in zip(batch, values)])
+        else:
+            for i, t in zip(batch, per_token):
+                terms[(name, *keys[i])] = t
+            append([[*keys[i], v, t] for i, v, t in zip(batch, values, per_token)])
         tokens = sum(len(seqs[i][0]) + len(seqs[i][1]) for i in batch)
         fed += tokens
         bar.advance(items=len(batch), tokens=tokens)
@@ -236,14 +254,19 @@ def score_pass(p: int, name: str, scorer: Scorer, jobs: list[ScoreJob], done: di
     return fed, seconds
 
 
-def scored_rows(jobs: list[ScoreJob], done: dict, passes: list[str], *, beta: float, normalize: str) -> list[dict]:
-    """Every job's row with its rewards (scored_row), from the log-prob sums in done."""
+def scored_rows(jobs: list[ScoreJob], done: dict, passes: list[str], *, beta: float, normalize: str,
+                terms: dict | None = None) -> list[dict]:
+    """Every job's row with its rewards (scored_row), from the log-prob sums in done (and their per-token terms in
+    terms, when given)."""
     rows = []
     for job in jobs:
-        sums = [[done[name, job.line, j] for j in range(len(job.sequences[0]))] for name in passes]
+        n = len(job.sequences[0])
+        sums = [[done[name, job.line, j] for j in range(n)] for name in passes]
+        parts = [[terms[name, job.line, j] for j in range(n)] for name in passes] if terms is not None else None
         counts = [len(response) for _, response in job.sequences[0]]
         rows.append(scored_row(job.row, sums[0], sums[1] if len(sums) > 1 else None, counts, beta=beta,
-                               normalize=normalize))
+                               normalize=normalize, policy_terms=parts[0] if parts else None,
+                               reference_terms=parts[1] if parts and len(parts) > 1 else None))
     return rows
 
 

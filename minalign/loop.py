@@ -6,6 +6,7 @@
               ── judge them against π_0's (k ≥ 1: → compare.json)                           compare.py
               ── evaluate π_k (→ metrics.json)                                               evaluate.py
               ── select (→ train.jsonl)                                                      select.py
+              ── the audit report of the round's scores (→ report.html)                      report.py
               ── train from π_k (→ train/final = π_{k+1})                                    train.py
 
 Two recipes:
@@ -47,9 +48,10 @@ from minalign.compare import compare_stage
 from minalign.data import atomic_write, read_jsonl, write_jsonl
 from minalign.errors import RunError
 from minalign.evaluate import evaluate, plot, table, win_rate_metrics
-from minalign.loop_setup import (LoopConfig, compare_config, eval_temperature, round_train_config, sample_config,
-                                 start_run)
+from minalign.loop_setup import (LoopConfig, compare_config, eval_temperature, report_config, round_train_config,
+                                 sample_config, start_run)
 from minalign.prompts import draw_prompts
+from minalign.report import report_stage
 from minalign.runs import on_main, run_lock
 from minalign.select import select
 from minalign.settings import command_line
@@ -120,6 +122,8 @@ class Loop:
                 stop = True
             if not stop:
                 m["selected"] = self.improve(k)["selected"]
+            else:
+                self.report(k)
             rounds.append(m)
             summary = self.write_summary(rounds, best)
             if self.main:
@@ -177,6 +181,7 @@ class Loop:
         cfg, d = self.cfg, self.run_dir / f"round_{k}"
         self.stage(k, "select", d / "train.jsonl", lambda: on_main(lambda: select(
             cfg.select, cfg.loop.recipe, d / "scores.jsonl", d / "train.jsonl", cfg.policy.system)))
+        self.report(k)
 
         def train_round() -> None:
             rows = sum(1 for _ in read_jsonl(d / "train.jsonl"))
@@ -191,6 +196,12 @@ class Loop:
         if self.main and not cfg.loop.keep_checkpoints:  # final/ is in place: the optimizer state is not needed
             shutil.rmtree(d / "train" / "checkpoints", ignore_errors=True)  # (also what a kill before this left)
         return json.loads((d / "selection.json").read_text())
+
+    def report(self, k: int) -> None:
+        """Round k's audit report (report.html) of its scores, with what selection kept (when it ran)."""
+        d = self.run_dir / f"round_{k}"
+        if (d / "scores.jsonl").exists():  # (PairRM's last round samples only the held-out prompts)
+            self.run_stage(k, "report", "-m minalign.report", report_stage, report_config(self.cfg, k, self.policy(k)))
 
     # -- the stages -------------------------------------------------------------------------------------------
     def policy(self, k: int) -> Path:
@@ -216,7 +227,8 @@ class Loop:
         """A stage command (sample.py, score.py) in this process, on this process group, into stage_cfg.out; its
         command line is printed first."""
         def make() -> None:
-            self.log("  python " + shlex.join(command_line(script, stage_cfg)))
+            argv = command_line(script, stage_cfg)
+            self.log("  python " + shlex.join(script.split() + argv[1:]))  # script: "sample.py", "-m minalign.report"
             fn(stage_cfg, self.rank, self.world, self.device)
         self.stage(k, name, Path(stage_cfg.out), make)
 

@@ -27,6 +27,7 @@ from minalign.evaluate import EvalSection
 from minalign.examples import DataSection
 from minalign.logratio import NORMALIZE
 from minalign.prompts import split_pool
+from minalign.report import ReportConfig
 from minalign.rewards import REWARD_KINDS, load_function, parse_spec
 from minalign.rows import read_prompts
 from minalign.runs import changed_settings, on_main
@@ -120,6 +121,8 @@ def load_loop_config(source: str | dict | None, overrides: list[tuple[str, str]]
             r.kind == "log-ratio" and bool(r.reference) and r.reference_template not in TEMPLATES,
         "reward.path is required for a pairrm reward": r.kind == "pairrm" and not r.path,
         "reward.function is required for a python reward": r.kind == "python" and not r.function,
+        "reward.token_logprobs is for a log-ratio reward (the others have no per-token terms)":
+            r.token_logprobs and r.kind != "log-ratio",
         f"reward.normalize must be one of {NORMALIZE}": r.normalize not in NORMALIZE,
         # reward / tokens is a per-token mean only for a sum of per-token terms (a PairRM or Python score of
         # either sign would favour long answers when negative and short ones when positive)
@@ -189,6 +192,15 @@ def sample_config(cfg: LoopConfig, policy: Path, prompts: Path, out: Path, n: in
 
 def eval_temperature(cfg: LoopConfig) -> float:
     return cfg.eval.temperature if cfg.eval.temperature >= 0 else cfg.sample.temperature
+
+
+def report_config(cfg: LoopConfig, k: int, policy: Path) -> ReportConfig:
+    """Round k's audit report: its scores, what selection kept (once it ran), its metrics, eval.metric as the
+    ground truth, and π_k's tokenizer for the token ids."""
+    d = cfg.run_dir / f"round_{k}"
+    return ReportConfig(scores=str(d / "scores.jsonl"), out=str(d / "report.html"), tokenizer=str(policy),
+                        train=str(d / "train.jsonl") if (d / "train.jsonl").exists() else None,
+                        metrics=str(d / "metrics.json"), metric=cfg.eval.metric or None, resume=True)
 
 
 def compare_config(cfg: LoopConfig, k: int, device: str) -> compare_stage.CompareConfig:

@@ -17,7 +17,9 @@ an error); the response is the sampled token_ids, the same for both models (whic
 Input: sample.py's rows, {"id", "prompt" (a string or messages), "prompt_token_ids", "responses": [{"text",
 "token_ids", "logprobs", "finish_reason"}]}. Output: the same rows in the same order, every field kept, each
 response gaining "reward" and, for the log-ratio, "policy_logprob", "reference_logprob" (the two sums; no
-reference_logprob with --reference-free) and "num_tokens".
+reference_logprob with --reference-free) and "num_tokens"; with --token-logprobs also "policy_token_logprobs" and
+"reference_token_logprobs", the terms of those sums from the same forwards (the reward's per-token terms are
+β·(policy_t − reference_t), divided by num_tokens with --normalize mean).
 
 One model at a time: the policy scores every response and is freed, then the reference is loaded. Resume
 (runs.Partials): the log-probs of each finished forward are appended to <out>.partial (<out>.partial.rank<r>
@@ -66,6 +68,7 @@ class ScoreConfig(StageOptions):
     reference_free: bool = False  # reward = beta * policy log-prob alone
     sampler_end_ids: list = flag([], metavar="ID", type=int)  # end-of-turn token ids of the sampling template (32000, <|endoftext|>, for Merlinite samples): a response ending with one is scored as ending with each scoring template's own end token (</s> for mistral and raw)
     batch_tokens: int = 16384  # most padded tokens in one forward
+    token_logprobs: bool = False  # keep each response's per-token log-probs beside the sums (policy_token_logprobs, reference_token_logprobs): the reward's per-token terms, for the audit report (~10 bytes a token and model)
     reward: str | None = flag(None, metavar="SPEC", help="another reward source instead of --policy: " + SPEC_HELP)  # see SPEC_HELP
     fsdp: bool = False  # under torchrun: shard each model over the ranks (FSDP2), for a model too big for one device
 
@@ -83,6 +86,7 @@ class RewardSection:
     beta: float = 1.0  # log-ratio: reward = beta · (log π_policy − log π_ref)
     sampler_end_ids: list = field(default_factory=list)  # see score.py --sampler-end-ids
     batch_tokens: int = 16384  # padded tokens per scoring forward
+    token_logprobs: bool = False  # log-ratio: keep the per-token log-probs (score.py --token-logprobs), so the round's report colours each token by its reward term
     fsdp: bool = False  # under torchrun: shard each reward model over the ranks
     path: str = ""  # pairrm: the PairRM checkpoint dir
     function: str = ""  # python: 'module:function' or 'path/to/file.py:function'
@@ -96,7 +100,7 @@ class RewardSection:
                            reference_template=(self.reference_template or None) if self.reference else None,
                            reference_free=not self.reference, normalize=self.normalize, beta=self.beta,
                            sampler_end_ids=list(self.sampler_end_ids), batch_tokens=self.batch_tokens,
-                           fsdp=self.fsdp, device=device, resume=True)
+                           token_logprobs=self.token_logprobs, fsdp=self.fsdp, device=device, resume=True)
 
     def spec(self) -> str:
         """This reward as a --reward spec (rewards.SPEC_HELP), for the kinds other than log-ratio."""
@@ -106,9 +110,10 @@ class RewardSection:
 def check_config(cfg: ScoreConfig) -> None:
     """ConfigError naming the flag of a setting out of range, or a flag without the one it needs."""
     if cfg.reward is not None:
-        if cfg.policy is not None or cfg.reference is not None or cfg.reference_free or cfg.fsdp:
+        if cfg.policy is not None or cfg.reference is not None or cfg.reference_free or cfg.fsdp or \
+                cfg.token_logprobs:
             raise ConfigError("--reward SPEC scores with that source: leave out --policy, --reference, "
-                              "--reference-free and --fsdp")
+                              "--reference-free, --fsdp and --token-logprobs")
         try:
             parse_spec(cfg.reward)
         except ValueError as e:
@@ -148,20 +153,27 @@ def open_scorers(cfg: ScoreConfig) -> dict[str, Scorer]:
     return scorers
 
 
-def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str]) -> dict[tuple[str, int, int], float]:
+def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str],
+                      terms: dict | None = None) -> dict[tuple[str, int, int], float]:
     """{(model, line, response): log-prob sum} of partial-file entries {"pass", "logprobs": [[line, j, sum]...]},
-    after checking each names a response of this run. A forward redone after a kill may appear twice."""
+    after checking each names a response of this run; with terms (--token-logprobs) the items are
+    [line, j, sum, [term...]] and terms gets {(model, line, response): [term...]}. A forward redone after a kill
+    may appear twice."""
     sizes = {job.line: len(job.sequences[0]) for job in jobs}
+    width = 3 if terms is None else 4
     done: dict[tuple[str, int, int], float] = {}
     for path, number, entry in entries:
         items = entry.get("logprobs")
         if not (entry.get("pass") in passes and isinstance(items, list) and all(
-                isinstance(it, list) and len(it) == 3 and type(it[0]) is int and type(it[1]) is int
-                and 0 <= it[1] < sizes.get(it[0], 0) and type(it[2]) is float for it in items)):
+                isinstance(it, list) and len(it) == width and type(it[0]) is int and type(it[1]) is int
+                and 0 <= it[1] < sizes.get(it[0], 0) and type(it[2]) is float
+                and (width == 3 or isinstance(it[3], list)) for it in items)):
             raise DataError(path, number, "not a finished forward of this run (a corrupt partial file?); delete it "
                                           "to start over")
-        for line, j, value in items:
+        for line, j, value, *rest in items:
             done[entry["pass"], line, j] = value
+            if terms is not None:
+                terms[entry["pass"], line, j] = rest[0]
     return done
 
 
@@ -216,9 +228,11 @@ def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> Non
                     **{name: str(Path(d).resolve()) for name, (d, _) in models.items()},
                     **{f"{name}_template": template for name, (_, template) in models.items()},
                     sampler_end_ids=cfg.sampler_end_ids, dtype=dtype, device=device.type,
-                    skip_invalid=cfg.skip_invalid, world_size=world)
+                    skip_invalid=cfg.skip_invalid, world_size=world,
+                    **({"token_logprobs": True} if cfg.token_logprobs else {}))  # (partials from before it resume)
     partials = Partials(out, rank, world, resume=cfg.resume, fmt=PARTIAL_FORMAT, settings=settings)
-    done = finished_logprobs(partials.entries, jobs, passes)
+    terms = {} if cfg.token_logprobs else None
+    done = finished_logprobs(partials.entries, jobs, passes, terms)
     if main_rank:  # what each model reads, said once the run starts (an error before it stays one line)
         print("score.py: " + "; ".join(f"{name} {d} reads prompts in the {template!r} template"
                                        for name, (d, template) in models.items()), file=sys.stderr)
@@ -232,18 +246,20 @@ def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> Non
             tokens, seconds = score_pass(
                 p, name, scorer, jobs, done, lambda items: append([jsonl_line({"pass": name, "logprobs": items})]),
                 batch_tokens=cfg.batch_tokens, dtype=getattr(torch, dtype), device=device, rank=rank, world=world,
-                fsdp=cfg.fsdp, where=str(samples), progress=True)
+                fsdp=cfg.fsdp, where=str(samples), progress=True, terms=terms)
             fed, elapsed = fed + tokens, elapsed + seconds
 
     # all_sum is also a barrier: once it returns, every rank's partial file is complete.
     (fed,) = distributed.all_sum([fed])
     if main_rank:
         distributed.doing(f"merging the partial files into {out}")
-        done = finished_logprobs(partials.read(), jobs, passes)
+        terms = {} if cfg.token_logprobs else None
+        done = finished_logprobs(partials.read(), jobs, passes, terms)
         missing = [(name, job.line) for name in passes for job in jobs
                    for j in range(len(job.sequences[0])) if (name, job.line, j) not in done]
         assert not missing, f"the log-probs of (model, line) {missing[:10]} are in no partial file"
-        merged = partials.commit(scored_rows(jobs, done, passes, beta=cfg.beta, normalize=cfg.normalize))
+        merged = partials.commit(scored_rows(jobs, done, passes, beta=cfg.beta, normalize=cfg.normalize,
+                                             terms=terms))
         responses = [r for row in merged for r in row["responses"]]
         mean = sum(r["reward"] for r in responses) / len(responses) if responses else float("nan")
         extra = ((f", {resumed} log-probs resumed" if resumed else "") +

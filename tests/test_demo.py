@@ -3,6 +3,7 @@ log-ratio ranks the right answer above its near misses — and build's resume (w
 is rebuilt, a killed run's leftovers are cleared, other settings are refused).
 """
 import collections
+import json
 import math
 import shutil
 from pathlib import Path
@@ -241,3 +242,37 @@ def test_build_resumes_a_killed_training_from_its_checkpoint(built, tmp_path, mo
     demo.build(again, log=lines.append)
     assert [line.split(" -> ")[-1] for line in lines] == [str(copy / "teacher")]
     assert contents(copy / "teacher") == contents(paths["teacher"]) and not list(copy.glob("*.run"))
+
+
+def test_a_round_of_the_demo_writes_its_audit_report(built, tmp_path):
+    """One round of the demo's loop (its config, on the reduced setup): round 0's report.html colours every token of
+    the log ratio by its term, marks what selection kept, lists the prompts where the reward kept a wrong answer,
+    and opens in headless Chromium (when installed) with no console error."""
+    from minalign.loop import run_loop
+    from minalign.loop_setup import load_loop_config
+    from minalign.settings import read_toml
+    from tests.test_report import _chromium, open_in_chromium
+
+    d, paths, _ = built
+    tables = read_toml(str(Path(__file__).parents[1] / "configs" / "demo.toml"))
+    tables.pop("demo")
+    setup = Path(d.out)
+    over = {"loop.out": str(tmp_path / "run"), "loop.rounds": 1, "policy.path": str(setup / "base"),
+            "prompts.path": str(setup / "prompts.jsonl"), "prompts.eval_path": str(setup / "eval.jsonl"),
+            "reward.policy": str(setup / "teacher"), "reward.reference": str(setup / "base"), "sample.n": 4}
+    run_loop(load_loop_config(tables, [(k, json.dumps(v)) for k, v in over.items()]))
+    page = (tmp_path / "run" / "round_0" / "report.html").read_text()
+    scores = rows_of(tmp_path / "run" / "round_0" / "scores.jsonl")
+    tokens = sum(len(r["token_ids"]) for row in scores for r in row["responses"][:1])
+    assert page.count('class="t" style=') >= tokens  # every token of the prompts shown in full is a coloured span
+    assert " term " in page and ">kept<" in page and "kept right" in page
+    kept = {r["id"]: r["response"] for r in rows_of(tmp_path / "run" / "round_0" / "train.jsonl")}
+    truth = demo.accuracy(scores)
+    wrong = sum(1 for row, right in zip(scores, truth) if row["id"] in kept and max(right) == 1
+                and demo.accuracy([{**row, "responses": [{"text": kept[row["id"]]}]}])[0][0] == 0)
+    assert f"although a right one was sampled ({wrong} of {len(scores)} prompts" in page
+    if _chromium() is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt install chromium): the page was not opened")
+    dom, console = open_in_chromium(tmp_path / "run" / "round_0" / "report.html", "#q=plus")
+    assert not [c for c in console if "Uncaught" in c or "rror" in c], console
+    assert dom.count("<li>") >= 1 and "plus" in dom.split('<ol id="results">')[1]

@@ -15,6 +15,7 @@ import score as score_cli
 import train as train_cli
 from minalign.errors import MinalignError
 from minalign.data import read_jsonl
+from minalign import report
 from minalign.evaluate import table
 from minalign.loop import run_loop
 from minalign.loop_setup import load_loop_config
@@ -148,12 +149,15 @@ def test_each_printed_stage_command_redoes_its_artifact_byte_for_byte(models, tm
     run_loop(config(models, run, recipe="iterative-dpo", **{"loop.rounds": 1, "loop.dpo_reference": "initial"}))
     printed = [shlex.split(line.split("loop:   python ", 1)[1]) for line in capsys.readouterr().err.splitlines()
                if line.startswith("loop:   python ")]
-    assert [argv[0] for argv in printed] == ["sample.py", "score.py", "sample.py", "score.py", "train.py"] * 1 + \
-        ["sample.py", "score.py", "sample.py", "score.py", "score.py"], printed
-    assert "--candidate" in printed[-1]  # round 1's comparison with round 0, on the held-out prompts
-    mains = {"sample.py": sample_cli.main, "score.py": score_cli.main, "train.py": train_cli.main}
-    # round 0: its samples, scores, held-out samples and scores, and its training; round 1's comparison
-    for argv in printed[:5] + printed[-1:]:
+    assert [argv[0] for argv in printed] == ["sample.py", "score.py", "sample.py", "score.py", "-m", "train.py"] + \
+        ["sample.py", "score.py", "sample.py", "score.py", "score.py", "-m"], printed
+    assert "--candidate" in printed[-2]  # round 1's comparison with round 0, on the held-out prompts
+    mains = {"sample.py": sample_cli.main, "score.py": score_cli.main, "train.py": train_cli.main,
+             "minalign.report": report.main}
+    # round 0: its samples, scores, held-out samples and scores, its report and its training; round 1's comparison
+    for argv in printed[:6] + printed[-2:-1]:
+        if argv[0] == "-m":  # python -m minalign.report ...
+            argv = argv[1:]
         script, flags = argv[0], argv[1:]
         out_flag = "--train.out" if script == "train.py" else "--out"
         i = flags.index(out_flag) + 1
@@ -209,8 +213,8 @@ def test_killed_at_every_stage_boundary_resumes_to_the_same_artifacts(models, tm
             break
         except KeyboardInterrupt:
             kills += 1
-    # every stage of round 0 (8), of round 1 (9: and its comparison with round 0), and round 2's (7: no training)
-    assert kills == len(boundaries) == 8 + 9 + 7, boundaries
+    # every stage of round 0 (9), of round 1 (10: and its comparison with round 0), and round 2's (8: no training)
+    assert kills == len(boundaries) == 9 + 10 + 8, boundaries
     want, got = _artifacts(tmp_path / "whole"), _artifacts(tmp_path / "cut")
     want = {k: v.replace(b"whole", b"RUN") for k, v in want.items()}
     got = {k: v.replace(b"cut", b"RUN") for k, v in got.items()}

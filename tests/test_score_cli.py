@@ -7,6 +7,7 @@ Mixtral) and the reference (a tiny Mistral) share that tokenizer. A second pair 
 (400 ids), as Mixtral's has no <|endoftext|>: those scorers need --sampler-end-ids 400.
 """
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -333,3 +334,33 @@ def test_torchrun_two_processes_write_the_single_process_file(models, samples, r
     argv = args_for(models, samples, out, "--device", "cpu", *(["--fsdp"] if fsdp else []))
     summary = torchrun("score.py", argv, out, reference_run)
     assert len(summary) == 1 and summary[0].startswith("score.py: rows 7, responses 21, tokens "), summary
+
+
+def test_token_logprobs_are_the_terms_of_the_sums(models, samples, reference_run, tmp_path, capsys, monkeypatch):
+    """--token-logprobs: each response's per-token log-probs of both models, from the same forwards, sum to its
+    policy_logprob and reference_logprob; the rewards are those of a run without them. A kill between the passes
+    resumes with the terms kept in the partial file; a resume that changes the flag is refused."""
+    out = tmp_path / "scores.jsonl"
+    real, loaded = logratio.load_scorer_model, []
+
+    def load_model(scorer, *args):
+        loaded.append(scorer.path)
+        if len(loaded) == 2:  # the first run, at its second model
+            raise KeyboardInterrupt
+        return real(scorer, *args)
+
+    monkeypatch.setattr(logratio, "load_scorer_model", load_model)
+    assert run_main(args_for(models, samples, out, "--token-logprobs"), capsys)[0] == 130
+    monkeypatch.undo()
+    code, err = run_main(args_for(models, samples, out, "--resume"), capsys)
+    assert code == 2 and "token_logprobs True then, None now" in err, err
+    code, err = run_main(args_for(models, samples, out, "--token-logprobs", "--resume"), capsys)
+    assert code == 0 and "resuming: 21 of 42" in err, err
+    worst = 0.0
+    for row, want in zip(read_rows(out), [json.loads(line) for line in reference_run.decode().splitlines()]):
+        for r, w in zip(row["responses"], want["responses"]):
+            assert len(r["policy_token_logprobs"]) == len(r["reference_token_logprobs"]) == r["num_tokens"]
+            worst = max(worst, abs(math.fsum(r["policy_token_logprobs"]) - r["policy_logprob"]),
+                        abs(math.fsum(r["reference_token_logprobs"]) - r["reference_logprob"]))
+            assert r["reward"] == w["reward"] and r["policy_logprob"] == w["policy_logprob"]
+    assert worst < 1e-4, f"the per-token terms do not add up to the sums: max difference {worst}"
