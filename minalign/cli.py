@@ -82,7 +82,7 @@ def parse_stage(p: argparse.ArgumentParser, config_type, argv: list[str] | None)
 def main(prog: str, argv: list[str] | None, parse_args: Callable, run: Callable, *, kept: str,
          interrupted: str | Callable[[object], str] | None = None) -> int:
     """A command's main: parse argv into its config, join torchrun's process group (if any), run(cfg, rank, world,
-    device) — the config has .device and .out.
+    device) — the config has .out, and .device when the command runs a model.
 
     Returns the exit status: 0 when run returns, 2 with one line on stderr for a MinalignError (or an OSError: a full disk,
     a read-only dir), 130 on Ctrl-C. kept: what an interrupted run keeps in its partial file ("finished

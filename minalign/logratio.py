@@ -140,8 +140,12 @@ def batch_logprobs(model, sequences: list[Sequence], terms: list | None = None) 
     with torch.no_grad():
         out = sequence_logprobs(model, list(prompts), list(responses), batch_tokens=padded,
                                 per_token=terms is not None)
-    if terms is not None:
-        terms.extend(t.float().cpu().tolist() for t in out.terms)
+    if terms is not None:  # one copy to the host for the whole forward, then cut per sequence
+        flat = torch.cat(out.terms).float().cpu().tolist()
+        at = 0
+        for t in out.terms:
+            terms.append(flat[at:at + len(t)])
+            at += len(t)
     return out.sums.cpu().tolist()
 
 

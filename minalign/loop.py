@@ -30,6 +30,7 @@ hand.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -162,8 +163,10 @@ class Loop:
             self.run_stage(k, "eval sample", "sample.py", sample_stage.sample, sample_config(
                 cfg, self.policy(k), run / "eval_prompts.jsonl", d / "eval_samples.jsonl", cfg.eval.n,
                 eval_temperature(cfg), seed + 500, device))
-            self.run_stage(k, "eval score", "score.py", score_stage.score, cfg.reward.stage_config(
-                d / "eval_samples.jsonl", d / "eval_scores.jsonl", device))
+            # (the per-token terms are for the report of the round's own scores)
+            self.run_stage(k, "eval score", "score.py", score_stage.score, dataclasses.replace(
+                cfg.reward, token_logprobs=False).stage_config(d / "eval_samples.jsonl", d / "eval_scores.jsonl",
+                                                               device))
             if k > 0:
                 comparison = compare_config(cfg, k, device)
                 self.run_stage(k, "compare", "score.py", compare_stage, comparison)
@@ -200,8 +203,13 @@ class Loop:
     def report(self, k: int) -> None:
         """Round k's audit report (report.html) of its scores, with what selection kept (when it ran)."""
         d = self.run_dir / f"round_{k}"
-        if (d / "scores.jsonl").exists():  # (PairRM's last round samples only the held-out prompts)
-            self.run_stage(k, "report", "-m minalign.report", report_stage, report_config(self.cfg, k, self.policy(k)))
+        if not (d / "scores.jsonl").exists():  # PairRM's last round samples only the held-out prompts
+            return
+        page, train = d / "report.html", d / "train.jsonl"
+        if self.main and page.exists() and train.exists() and page.stat().st_mtime_ns < train.stat().st_mtime_ns:
+            page.unlink()  # written when this was the last round, before more rounds were asked for: no marks
+        distributed.barrier()  # every rank looks for the page after that
+        self.run_stage(k, "report", "-m minalign.report", report_stage, report_config(self.cfg, k, self.policy(k)))
 
     # -- the stages -------------------------------------------------------------------------------------------
     def policy(self, k: int) -> Path:
@@ -224,8 +232,8 @@ class Loop:
         self.after_stage(k, name)
 
     def run_stage(self, k: int, name: str, script: str, fn: Callable, stage_cfg) -> None:
-        """A stage command (sample.py, score.py) in this process, on this process group, into stage_cfg.out; its
-        command line is printed first."""
+        """A stage command (sample.py, score.py, python -m minalign.report) in this process, on this process group,
+        into stage_cfg.out; its command line is printed first."""
         def make() -> None:
             argv = command_line(script, stage_cfg)
             self.log("  python " + shlex.join(script.split() + argv[1:]))  # script: "sample.py", "-m minalign.report"

@@ -200,7 +200,8 @@ def report_config(cfg: LoopConfig, k: int, policy: Path) -> ReportConfig:
     d = cfg.run_dir / f"round_{k}"
     return ReportConfig(scores=str(d / "scores.jsonl"), out=str(d / "report.html"), tokenizer=str(policy),
                         train=str(d / "train.jsonl") if (d / "train.jsonl").exists() else None,
-                        metrics=str(d / "metrics.json"), metric=cfg.eval.metric or None, resume=True)
+                        metrics=str(d / "metrics.json"), metric=cfg.eval.metric or None, metric_optional=True,
+                        resume=True)
 
 
 def compare_config(cfg: LoopConfig, k: int, device: str) -> compare_stage.CompareConfig:

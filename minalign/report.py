@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minalign import cli
-from minalign.data import atomic_write, read_jsonl
+from minalign.data import atomic_write, read_json_object, read_jsonl
 from minalign.errors import ConfigError, DataError, MinalignError, RewardError
 from minalign.rewards import call_source, load_function
 from minalign.rows import response_texts, sample_prompt
@@ -56,10 +56,11 @@ class ReportConfig:
 
     scores: str = flag()  # score.py's output JSONL
     out: str = flag()  # the HTML file
-    tokenizer: str | None = None  # a checkpoint dir with the tokenizer of the responses' token_ids (the policy's): needed to show each token
+    tokenizer: str | None = None  # a checkpoint dir with the tokenizer of the responses' token_ids (the sampling policy's): needed to show each token
     train: str | None = None  # select's train.jsonl for these scores: marks the response kept (SFT) or the chosen and rejected (DPO)
     metrics: str | None = None  # the round's metrics.json, shown at the top
     metric: str | None = flag(None, metavar="MODULE:FUNCTION")  # the ground truth (eval.metric's interface: 1/0 per response): finds where the reward kept a wrong answer
+    metric_optional: bool = False  # a --metric that fails on these rows is left out (said on stderr and in the page) instead of stopping: the loop's, whose eval.metric was written for the held-out prompts
     ids: list = flag([], metavar="ID")  # render these prompts in full as well (ids as in the file)
     limit: int = 50  # prompts in full per section
     resume: bool = False  # a finished --out: nothing to do
@@ -68,15 +69,25 @@ class ReportConfig:
 
 # ------------------------------------------------------------------------------------------------ escaping
 
+def _hidden(ch: str) -> bool:
+    """A character that is not seen as itself: controls, and format characters (bidi overrides, zero-width)."""
+    return ch not in "\n\t" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+
+
 def text(s: str) -> str:
-    """s as HTML text: escaped, its control and format characters (bidi overrides, zero-width) as visible codes."""
-    out = []
-    for ch in html.escape(s, quote=True):
-        if ch not in "\n\t" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(f'<span class="ctl">U+{ord(ch):04X}</span>')
-        else:
-            out.append(ch)
-    return "".join(out)
+    """s as HTML text: escaped, its hidden characters as visible codes (a marked U+XXXX)."""
+    return "".join(f'<span class="ctl">U+{ord(ch):04X}</span>' if _hidden(ch) else ch
+                   for ch in html.escape(s, quote=True))
+
+
+def plain(s: str) -> str:
+    """s with its hidden characters as U+XXXX: for an attribute value (escaped by attr) or the search index."""
+    return "".join(f"U+{ord(ch):04X}" if _hidden(ch) else ch for ch in s)
+
+
+def attr(s: str) -> str:
+    """s as a quoted attribute's value or a <title>: escaped, hidden characters as U+XXXX, no markup."""
+    return html.escape(plain(s), quote=True)
 
 
 def json_for_script(value) -> str:
@@ -87,17 +98,31 @@ def json_for_script(value) -> str:
 
 # ------------------------------------------------------------------------------------------------ the rows
 
-def token_terms(response: dict) -> list[tuple[float, float | None, float]] | None:
-    """(policy_t, reference_t or None, term_t) per token, terms scaled so they add up to the reward; None when the
-    response has no per-token log-probs (another reward, or scored without --token-logprobs)."""
+def _difference(response: dict) -> float:
+    return response.get("policy_logprob", 0.0) - (response.get("reference_logprob") or 0.0)
+
+
+def token_terms(response: dict, fallback: float = 1.0) -> list[tuple[float, float | None, float]] | None:
+    """(policy_t, reference_t or None, term_t) per token, term_t = s·(policy_t − reference_t) with s = reward /
+    (Σ policy − Σ reference), so the terms add up to the reward; s = fallback when that difference is ~0 (the file's
+    typical s: typical_scale). None when the response has no per-token log-probs (another reward, or scored
+    without --token-logprobs)."""
     policy = response.get("policy_token_logprobs")
     if not isinstance(policy, list):
         return None
     reference = response.get("reference_token_logprobs")
     ref = reference if isinstance(reference, list) else [None] * len(policy)
-    diff = response.get("policy_logprob", 0.0) - (response.get("reference_logprob") or 0.0)
-    scale = response["reward"] / diff if abs(diff) > 1e-12 else 1.0  # β, or β/|y| (normalize mean)
+    diff = _difference(response)
+    scale = response["reward"] / diff if abs(diff) > 1e-6 else fallback  # β, or β/|y| (normalize mean)
     return [(p, r, scale * (p - (r or 0.0))) for p, r in zip(policy, ref)]
+
+
+def typical_scale(rows: list[dict]) -> float:
+    """The median s = reward / (Σ policy − Σ reference) of a file's responses: β for a sum, for the responses
+    whose difference is too small to read it off."""
+    scales = sorted(r["reward"] / _difference(r) for row in rows for r in row["responses"]
+                    if "policy_token_logprobs" in r and abs(_difference(r)) > 1e-6)
+    return scales[len(scales) // 2] if scales else 1.0
 
 
 def kept_marks(row: dict, picked: dict | None) -> dict[int, str]:
@@ -170,32 +195,36 @@ def _colour(term: float, top: float) -> str:
 
 
 def _piece(tokenizer, i: int) -> str:
-    """A token as it reads in the text: sentencepiece's ▁ as a space, a byte piece <0x0A> as its character."""
+    """A token as it reads in the text: sentencepiece's ▁ as a space, an ASCII byte piece (<0x0A>) as its character;
+    the byte pieces of a longer UTF-8 character stay as they are (one alone is no character)."""
     piece = tokenizer.id_to_token(i)
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and int(piece[3:5], 16) < 0x80:
         return chr(int(piece[3:5], 16))
     return piece.replace("\u2581", " ")
 
 
-def response_html(response: dict, tokenizer, top: float) -> str:
-    """A response's text: each token coloured by its reward term when there are terms and a tokenizer, else plain."""
-    terms = token_terms(response)
+def response_html(response: dict, tokenizer, top: float, fallback: float = 1.0) -> str:
+    """A response's text: each token coloured by its reward term when there are terms and a tokenizer that knows
+    every token id, else the plain text."""
+    terms = token_terms(response, fallback)
     ids = response.get("token_ids")
-    if terms is None or tokenizer is None or not isinstance(ids, list) or len(ids) != len(terms):
+    if terms is None or tokenizer is None or not isinstance(ids, list) or len(ids) != len(terms) or \
+            not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
         return text(response["text"])
     spans = []
     for i, (p, r, term) in zip(ids, terms):
         piece = _piece(tokenizer, i)
         tip = f"{piece!r}  policy {p:.4f}" + ("" if r is None else f"  reference {r:.4f}") + f"  term {term:+.4f}"
-        spans.append(f'<span class="t" style="background:{_colour(term, top)}" title="{text(tip)}">{text(piece)}</span>')
+        spans.append(f'<span class="t" style="background:{_colour(term, top)}" title="{attr(tip)}">{text(piece)}</span>')
     return "".join(spans)
 
 
-def prompt_html(row: dict, marks: dict[int, str], truth: list[float] | None, tokenizer, top: float) -> str:
+def prompt_html(row: dict, marks: dict[int, str], truth: list[float] | None, tokenizer, top: float,
+                fallback: float) -> str:
     """A prompt's card: its text, then its samples ranked by reward with marks, lengths, finish reasons, truth."""
     prompt = "\n".join(f"{m['role']}: {m['content']}" for m in sample_prompt(row))
     order = sorted(range(len(row["responses"])), key=lambda j: -row["responses"][j]["reward"])
-    lines = [f'<div class="prompt" id="p-{text(str(row["id"]))}"><div class="note">id {text(repr(row["id"]))}</div>'
+    lines = [f'<div class="prompt"><div class="note">id {text(repr(row["id"]))}</div>'
              f'<div class="ptext">{text(prompt)}</div><table><tr><th>#</th><th></th><th>reward</th><th>tokens</th>'
              f'<th>end</th>{"<th>truth</th>" if truth else ""}<th>response</th></tr>']
     for rank, j in enumerate(order, 1):
@@ -205,16 +234,17 @@ def prompt_html(row: dict, marks: dict[int, str], truth: list[float] | None, tok
         lines.append(f'<tr><td class="num">{rank}</td><td class="mark">{marks.get(j, "")}</td>'
                      f'<td class="num">{r["reward"]:.4g}</td><td class="num">{len(r.get("token_ids") or [])}</td>'
                      f'<td>{text(str(r.get("finish_reason", "")))}</td>{right}'
-                     f'<td class="resp">{response_html(r, tokenizer, top)}</td></tr>')
+                     f'<td class="resp">{response_html(r, tokenizer, top, fallback)}</td></tr>')
     return "\n".join(lines) + "</table></div>"
 
 
 def scatter(rows: list[dict], kept: list[int], width: int = 640, height: int = 300) -> str:
-    """An SVG scatter of reward against response tokens (kept responses in orange; at most ~4000 points drawn)."""
+    """An SVG scatter of reward against response tokens: every kept response (orange), and of the others every
+    k-th, so at most ~4000 are drawn."""
     points = [(len(r.get("token_ids") or []), r["reward"], j == k) for row, k in zip(rows, kept)
               for j, r in enumerate(row["responses"])]
-    step = max(1, len(points) // 4000)
-    points = points[::step]
+    others = [p for p in points if not p[2]]
+    points = others[::max(1, len(others) // 4000)] + [p for p in points if p[2]]  # kept ones drawn last, on top
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
@@ -235,9 +265,10 @@ def scatter(rows: list[dict], kept: list[int], width: int = 640, height: int = 3
 
 
 def build(rows: list[dict], *, picked: dict | None = None, metrics: dict | None = None,
-          truth: list[list[float]] | None = None, tokenizer=None, ids=(), limit: int = 50, title: str = "") -> str:
+          truth: list[list[float]] | None = None, tokenizer=None, ids=(), limit: int = 50, title: str = "",
+          note: str = "") -> str:
     """The report's HTML for scores rows (module doc); picked: train.jsonl rows by id; truth: the ground truth of
-    every response (None: none)."""
+    every response (None: none); note: a line to show under the title."""
     marks = [kept_marks(row, (picked or {}).get(row["id"])) for row in rows]
     kept = [best_kept(row, m) for row, m in zip(rows, marks)]
     # Over-optimisation: a wrong answer kept while a right one was sampled, the widest reward gap first.
@@ -255,10 +286,14 @@ def build(rows: list[dict], *, picked: dict | None = None, metrics: dict | None 
     if not truth:
         sections = sections[1:]
     wanted = {str(i) for i in ids}
+    missing = wanted - {str(row["id"]) for row in rows}
+    if missing:
+        raise ConfigError(f"--ids: no prompt with id {', '.join(sorted(missing))} in these scores")
     if wanted:
         sections.insert(0, ("Asked for (--ids)", [k for k, row in enumerate(rows) if str(row["id"]) in wanted]))
     shown = {k for _, ks in sections for k in ks}
-    terms = sorted(abs(t) for k in shown for r in rows[k]["responses"] for *_, t in (token_terms(r) or []))
+    fallback = typical_scale(rows)
+    terms = sorted(abs(t) for k in shown for r in rows[k]["responses"] for *_, t in (token_terms(r, fallback) or []))
     top = max(terms[int(0.95 * (len(terms) - 1))] if terms else 1.0, 1e-9)  # the 95th percentile: full colour
     responses = [r for row in rows for r in row["responses"]]
     counts = {"prompts": len(rows), "responses": len(responses),
@@ -269,19 +304,21 @@ def build(rows: list[dict], *, picked: dict | None = None, metrics: dict | None 
         counts["kept right"] = sum(truth[k][j] for k, j in enumerate(kept)) / len(rows)
     table = "".join(f"<tr><th>{text(str(key))}</th><td class='num'>{text(_fmt(v))}</td></tr>"
                     for key, v in {**(metrics or {}), **counts}.items())
-    index = [{"id": row["id"], "prompt": " ".join(m["content"] for m in sample_prompt(row))[:160],
-              "kept": row["responses"][j]["text"][:80], "reward": round(row["responses"][j]["reward"], 4)}
+    # The search reads the last message (the user's turn, not a long system message) and shows text as is.
+    index = [{"id": plain(str(row["id"])), "prompt": plain(sample_prompt(row)[-1]["content"][:300]),
+              "kept": plain(row["responses"][j]["text"][:80]), "reward": round(row["responses"][j]["reward"], 4)}
              for row, j in zip(rows, kept)]
     colours = ("each token coloured by its reward term: blue raised the reward, red lowered it (square-root scale, "
                f"full colour at |term| ≥ {top:.3g}); hover for the values" if terms else
                "no per-token terms in this file (another reward, or scored without --token-logprobs)"
                if tokenizer is not None else "no --tokenizer: responses as plain text")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{text(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{text(title)}</h1><table>{table}</table>",
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{attr(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{text(title)}</h1>"
+             f"{f'<p class=note>{text(note)}</p>' if note else ''}<table>{table}</table>",
              f"<h2>Reward and length</h2>{scatter(rows, kept)}<p class='note'>{text(colours)}</p>"]
     for heading, ks in sections:
         parts.append(f"<h2>{text(heading)}</h2>" + "".join(
-            prompt_html(rows[k], marks[k], truth[k] if truth else None, tokenizer, top) for k in ks))
+            prompt_html(rows[k], marks[k], truth[k] if truth else None, tokenizer, top, fallback) for k in ks))
     parts.append(f"<h2>Every prompt</h2><p class='note'>The sections above hold at most {limit} prompts each; "
                  f"search all {len(rows)} by id or text (python -m minalign.report --ids ID ... renders any in "
                  f"full).</p><input id='q' type='search' placeholder='id or prompt text' size='50'><ol id='results'>"
@@ -291,6 +328,7 @@ def build(rows: list[dict], *, picked: dict | None = None, metrics: dict | None 
 
 
 def _fmt(v) -> str:
+    """A metric's value for the table."""
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, list):
@@ -339,18 +377,22 @@ def _report(cfg: ReportConfig, rank: int, world: int, device) -> None:
         from minalign.tokenizer import load_tokenizer
         rows = read_scores(scores)
         picked = {row.get("id"): row for _, row in read_jsonl(cfg.train)} if cfg.train else None
-        metrics = json.loads(Path(cfg.metrics).read_text()) if cfg.metrics else None
-        truth = None
+        try:
+            metrics = read_json_object(cfg.metrics) if cfg.metrics else None
+        except ValueError as e:
+            raise ConfigError(f"--metrics {e}") from None
+        truth, note = None, ""
         if metric is not None:
             try:
                 truth = call_source(metric, rows, cfg.metric)
-            except MinalignError:
-                raise
-            except ValueError as e:  # raised by the user's function itself
-                raise RewardError(f"--metric {cfg.metric}: {e}") from None
+            except ValueError as e:  # a RewardError of the answer's shape, or raised by the user's function itself
+                if not cfg.metric_optional:
+                    raise RewardError(f"--metric {cfg.metric}: {e}") from None
+                note = f"the ground truth {cfg.metric} failed on these rows, so it is left out: {e}"
+                print(f"report: {note}", file=sys.stderr)
         tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         page = build(rows, picked=picked, metrics=metrics, truth=truth, tokenizer=tokenizer, ids=cfg.ids,
-                     limit=cfg.limit, title=f"minalign report: {scores}")
+                     limit=cfg.limit, title=f"minalign report: {scores}", note=note)
         atomic_write(out, page)
         print(f"report: {len(rows)} prompts, {len(page) / 1e6:.2f} MB -> {out}", file=sys.stderr)
     on_main(run)

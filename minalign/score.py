@@ -68,7 +68,7 @@ class ScoreConfig(StageOptions):
     reference_free: bool = False  # reward = beta * policy log-prob alone
     sampler_end_ids: list = flag([], metavar="ID", type=int)  # end-of-turn token ids of the sampling template (32000, <|endoftext|>, for Merlinite samples): a response ending with one is scored as ending with each scoring template's own end token (</s> for mistral and raw)
     batch_tokens: int = 16384  # most padded tokens in one forward
-    token_logprobs: bool = False  # keep each response's per-token log-probs beside the sums (policy_token_logprobs, reference_token_logprobs): the reward's per-token terms, for the audit report (~10 bytes a token and model)
+    token_logprobs: bool = False  # keep each response's per-token log-probs beside the sums (policy_token_logprobs, reference_token_logprobs): the reward's per-token terms, for the audit report (~25 bytes a token and model; the demo's file grows 1.6x)
     reward: str | None = flag(None, metavar="SPEC", help="another reward source instead of --policy: " + SPEC_HELP)  # see SPEC_HELP
     fsdp: bool = False  # under torchrun: shard each model over the ranks (FSDP2), for a model too big for one device
 
@@ -160,6 +160,7 @@ def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str],
     [line, j, sum, [term...]] and terms gets {(model, line, response): [term...]}. A forward redone after a kill
     may appear twice."""
     sizes = {job.line: len(job.sequences[0]) for job in jobs}
+    tokens = {(job.line, j): len(response) for job in jobs for j, (_, response) in enumerate(job.sequences[0])}
     width = 3 if terms is None else 4
     done: dict[tuple[str, int, int], float] = {}
     for path, number, entry in entries:
@@ -167,7 +168,8 @@ def finished_logprobs(entries, jobs: list[ScoreJob], passes: list[str],
         if not (entry.get("pass") in passes and isinstance(items, list) and all(
                 isinstance(it, list) and len(it) == width and type(it[0]) is int and type(it[1]) is int
                 and 0 <= it[1] < sizes.get(it[0], 0) and type(it[2]) is float
-                and (width == 3 or isinstance(it[3], list)) for it in items)):
+                and (width == 3 or isinstance(it[3], list) and len(it[3]) == tokens[it[0], it[1]]
+                     and all(type(v) is float for v in it[3])) for it in items)):
             raise DataError(path, number, "not a finished forward of this run (a corrupt partial file?); delete it "
                                           "to start over")
         for line, j, value, *rest in items:
@@ -229,7 +231,8 @@ def _score(cfg: ScoreConfig, rank: int, world: int, device: torch.device) -> Non
                     **{f"{name}_template": template for name, (_, template) in models.items()},
                     sampler_end_ids=cfg.sampler_end_ids, dtype=dtype, device=device.type,
                     skip_invalid=cfg.skip_invalid, world_size=world,
-                    **({"token_logprobs": True} if cfg.token_logprobs else {}))  # (partials from before it resume)
+                    # only when on: a partial file written before this setting existed still resumes
+                    **({"token_logprobs": True} if cfg.token_logprobs else {}))
     partials = Partials(out, rank, world, resume=cfg.resume, fmt=PARTIAL_FORMAT, settings=settings)
     terms = {} if cfg.token_logprobs else None
     done = finished_logprobs(partials.entries, jobs, passes, terms)

@@ -39,8 +39,8 @@ def test_terms_add_up_to_the_reward():
 
 def test_untrusted_text_is_shown_not_run(tmp_path):
     rows = [row(k, p, [p, "plain"], [1.0, 0.0]) for k, p in enumerate(HOSTILE)]
-    rows.append(row("id \"quoted\" <b>", "normal", ["a"], [0.5]))
-    page = build(rows, title="report <script>")
+    rows.append(row("id \"quoted\" <b>\u202e", "normal", ["a"], [0.5]))
+    page = build(rows, title="report <script>\u202e")
     body_scripts = re.findall(r"<script[^>]*>", page)
     assert body_scripts == ["<script type='application/json' id='index'>", "<script>"]  # ours, no others
     assert "<img" not in page and "<b>" not in page and "onerror=\"" not in page
@@ -49,9 +49,11 @@ def test_untrusted_text_is_shown_not_run(tmp_path):
     assert '<span class="ctl">U+202E</span>' in page and '<span class="ctl">U+200B</span>' in page
     assert '<span class="ctl">U+0007</span>' in page
     assert "\u202e" not in page and "\x07" not in page
+    assert "<title>report &lt;script&gt;U+202E</title>" in page  # no markup inside a title
     index = page.split("<script type='application/json' id='index'>")[1].split("</script>")[0]
     assert "<" not in index and ">" not in index and "&" not in index
     assert json.loads(index)[0]["prompt"] == HOSTILE[0]  # the same text once parsed
+    assert json.loads(index)[3]["prompt"].startswith("bidi U+202EevilU+202C and")  # and shown by the search as codes
 
 
 def test_sections_marks_and_colours(tmp_path):
@@ -65,6 +67,8 @@ def test_sections_marks_and_colours(tmp_path):
     picked = {"a": {"id": "a", "chosen": "5", "rejected": "4"}, "c": {"id": "c", "response": "4"}}
 
     class Tok:
+        vocab_size = 32
+
         def id_to_token(self, i):
             return "\u2581x"
     page = build(rows, picked=picked, truth=truth, tokenizer=Tok(), metrics={"round": 1}, limit=10, title="t")
@@ -103,6 +107,8 @@ def test_hostile_report_in_chromium(tmp_path):
     assert not [c for c in console if "Uncaught" in c or "rror" in c], console
     results = dom.split('<ol id="results">')[1].split("</ol>")[0]
     assert "&lt;/textarea&gt;&lt;img src=x" in results and "<img" not in results, results
+    results = open_in_chromium(path, "#q=bidi")[0].split('<ol id="results">')[1].split("</ol>")[0]
+    assert "U+202Eevil" in results and "\u202e" not in results, results
 
 
 def test_report_command(tmp_path, capsys):
@@ -123,3 +129,17 @@ def test_report_command(tmp_path, capsys):
     assert code == 2 and f"{scores}:4: a scores row needs" in err and err.count("\n") == 1, err
     code = report.main(["--scores", str(scores), "--out", str(tmp_path / "s.html"), "--metric", "nowhere:f"])
     assert code == 2 and "cannot import 'nowhere'" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(row(k, f"q{k}", ["a", "bb"], [1.0, -1.0])) + "\n" for k in range(3)))
+    (tmp_path / "m.json").write_text("[1, 2]")
+    for extra, phrase in [(["--metrics", str(tmp_path / "m.json")], "expected a JSON object"),
+                          (["--ids", "7"], "--ids: no prompt with id 7"),
+                          (["--metric", "minalign.demo:accuracy"], "is not a demo question")]:
+        code = report.main(["--scores", str(good), "--out", str(tmp_path / "t.html"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and phrase in err and err.count("\n") == 1, err
+    # the loop's: a ground truth that does not fit these prompts is left out, and said
+    code = report.main(["--scores", str(good), "--out", str(tmp_path / "t.html"), "--metric", "minalign.demo:accuracy",
+                        "--metric-optional"])
+    assert code == 0 and "is left out" in capsys.readouterr().err
+    assert "is left out" in (tmp_path / "t.html").read_text()
