@@ -5,6 +5,7 @@
     python bench/bench_sample.py --long-tail [--slots 32 64] [--prompts 256] [--samples 4] [--dtype bfloat16]
     python bench/bench_sample.py --long-tail --uniform --max-new-tokens 64 ...   # every sample as long
     python bench/bench_sample.py --drift
+    python bench/bench_sample.py --host-share
 
 A ~20M-parameter Mistral-shaped model (d_model 256, 4 layers, GQA 8/2, vocab 32000) with random weights is
 written once as an HF checkpoint and loaded by both. Both sample with temperature 1, top-k 50, top-p 1 and a
@@ -25,6 +26,11 @@ would waste; and tokens/s on this machine.
 prompt + response) and Mixtral models in fp32, prompts of 1-30 tokens, 3 samples each, ~1/8 stop tokens;
 continuous and static at 1, 3, 8 slots and at every sample at once. Prints whether the token ids agree and the
 largest log-prob difference.
+
+--host-share: where a decode step's time goes on this machine: generate, 16 slots × 64 new tokens, vocab 32000,
+for a tiny (d_model 64, 2 layers) and a small (512, 4) model, with the decode forward, sample_step and the
+prefills timed by wrapping them; the rest is the per-step host work (the per-sample RNG, the copy of the tokens
+to the host, the scheduler's bookkeeping).
 """
 import argparse
 import statistics
@@ -180,6 +186,40 @@ def drift():
               f"difference {worst:.2g}; sample lengths {lengths}")
 
 
+def host_share():
+    """The --host-share figures (module doc)."""
+    for hidden, layers in ((64, 2), (512, 4)):
+        cfg = minalign.get_config("tiny-mistral", vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+                                  max_position_embeddings=512)
+        model = minalign.Transformer(cfg).init_weights(seed=0).eval()
+        spent = {}
+        real = {"decode": sampling._decode, "sample": sampling.sample_step, "prefill": sampling.KVCache.prefill}
+
+        def timed(name):
+            def fn(*a, **k):
+                t = time.perf_counter()
+                out = real[name](*a, **k)
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+                return out
+            return fn
+        sampling._decode, sampling.sample_step = timed("decode"), timed("sample")
+        sampling.KVCache.prefill = timed("prefill")
+        prompts = [[1] + [5] * 15 for _ in range(16)]
+        try:
+            sampling.generate(model, prompts, max_new_tokens=8, temperature=1.0, slots=16)  # warm-up
+            spent.clear()
+            t = time.perf_counter()
+            sampling.generate(model, prompts, max_new_tokens=64, temperature=1.0, slots=16)
+            total = time.perf_counter() - t
+        finally:
+            sampling._decode, sampling.sample_step, sampling.KVCache.prefill = real.values()
+        rest = total - sum(spent.values())
+        print(f"d_model {hidden}, {layers} layers, 16 slots × 64 tokens, {total * 1e3:.0f} ms: decode forward "
+              f"{spent['decode'] / total:.1%}, sample_step {spent['sample'] / total:.1%}, prefill "
+              f"{spent['prefill'] / total:.1%}, per-step host work {rest / total:.1%}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--long-tail", action="store_true", help="the long-tail comparison of continuous batching")
@@ -191,6 +231,7 @@ def main():
     ap.add_argument("--uniform", action="store_true", help="--long-tail without stop tokens: every sample is as long")
     ap.add_argument("--long-tail-repeats", type=int, default=1, help="--long-tail: the best of this many runs each")
     ap.add_argument("--drift", action="store_true", help="log-prob drift across schedules (tiny fp32 models)")
+    ap.add_argument("--host-share", action="store_true", help="where a decode step's time goes (module doc)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -199,6 +240,9 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="minalign with compile=True (warm-up compile not timed)")
     args = ap.parse_args()
+    if args.host_share:
+        torch.set_num_threads(1)
+        return host_share()
     if args.drift:
         return drift()
     torch.manual_seed(0)

@@ -36,6 +36,7 @@ from transformers import MistralForCausalLM
 
 import minalign
 from bench_logprob import PeakMemory
+from gpu import PEAK_BF16_TFLOPS
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import dpo_loss, sft_loss
 from minalign.train import TrainConfig, make_optimizer
@@ -44,8 +45,6 @@ SMALL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_a
              num_key_value_heads=2)
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
            num_key_value_heads=4)  # ~1.04B parameters, for the CUDA MFU figure
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "A10": 125.0, "4090": 165.0}  # dense (no sparsity) bf16 tensor-core peaks
 GRAD_CLIP = 1.0
 BETA = 0.1
 

@@ -1,7 +1,8 @@
 """The audit report: one self-contained HTML page of what a reward chose in a scores file, and why, token by token.
 
     python -m minalign.report --scores round_1/scores.jsonl --out round_1/report.html \
-        --tokenizer POLICY_DIR --train round_1/train.jsonl --metrics round_1/metrics.json --metric minalign.demo:accuracy
+        --tokenizer POLICY_DIR --train round_1/train.jsonl --metrics round_1/metrics.json \
+        --metric minalign.demo:accuracy
 
 The loop writes one per round (round_k/report.html) and prints this command beside the other stages. The log-ratio
 reward decomposes exactly over the response's tokens,

@@ -271,13 +271,15 @@ def stream(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_
         uniforms = torch.tensor([rngs[occupant[s]].random() for s in live], dtype=torch.float64, device=device)
         next_ids, next_logprobs = sample_step(logits if full else logits[rows], uniforms, temperature, top_k, top_p,
                                               vocab)
-        stopped = torch.isin(next_ids, stop_ids).tolist()
+        # One copy to the host a step, the only sync the scheduler needs (which slots finished): the tokens, their
+        # log-probs and the stop flags together, in float64 (exact for token ids and for fp32 log-probs).
+        host = torch.stack([next_ids.double(), next_logprobs.double(), torch.isin(next_ids, stop_ids).double()])
         finished = []
-        for k, (s, token, lp) in enumerate(zip(live, next_ids.tolist(), next_logprobs.tolist())):
+        for s, token, lp, stopped in zip(live, *host.tolist()):
             p, j = occupant[s]
-            ids[p][j].append(token)
+            ids[p][j].append(int(token))
             logprobs[p][j].append(lp)
-            if stopped[k] or (stop_strings and _stop_string_hit(tokenizer, ids[p][j], stop_strings, tail_tokens)):
+            if stopped or (stop_strings and _stop_string_hit(tokenizer, ids[p][j], stop_strings, tail_tokens)):
                 finish[p][j] = "stop"
             elif len(ids[p][j]) < max_new_tokens:
                 continue

@@ -83,7 +83,7 @@ class TrainSection:
     stop_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = run to `steps`
     resume: bool = False  # continue from <out>/latest.json
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2, sharded per layer)
-    mixed_precision: bool = True  # bf16 autocast on CUDA; always fp32 on CPU
+    mixed_precision: bool = True  # bf16 on CUDA over fp32 master weights (autocast; with parallel fsdp, FSDP2's bf16 MixedPrecisionPolicy); always fp32 on CPU
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     device: str = ""  # "cpu" or "cuda"; "" = cuda if available
 
@@ -218,13 +218,22 @@ def _reference(cfg: TrainConfig, examples: list[Example], world: int, rank: int,
     return ref.to(device)
 
 
+def bf16(t: TrainSection, world: int, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast for the DPO reference pass and the policy, FSDP2's bf16 MixedPrecisionPolicy for the policy
+    instead of autocast): train.mixed_precision on CUDA; the policy under FSDP, where autocast over fp32
+    weights would all-gather fp32 (parallel.shard_model)."""
+    on = t.mixed_precision and device.type == "cuda"
+    return on, on and t.parallel == "fsdp" and world > 1
+
+
 def _policy(cfg: TrainConfig, ckpt: Path | None, world: int, device: torch.device):
     """(the policy as trained on this rank, its AdamW, the router aux loss's weight): from the checkpoint being
     resumed (optimizer state too), else the initial policy; fp32 master weights."""
     policy = distributed.fit_threads(minalign.load_model(ckpt if ckpt is not None else cfg.model.path,
                                                        dtype=torch.float32, device="cpu", check_finite=True))
     coef = policy.config.router_aux_loss_coef if policy.config.is_moe else 0.0
-    model = wrap_model(policy, cfg.train.parallel, cfg.train.activation_checkpointing, world, device)
+    model = wrap_model(policy, cfg.train.parallel, cfg.train.activation_checkpointing, world, device,
+                       mixed_precision=bf16(cfg.train, world, device)[1])
     model.train()
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
@@ -266,10 +275,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     accum = t.batch_size // (world * t.micro_batch_size)
     if t.parallel == "fsdp" and world == 1 and main:
         print("train.py: train.parallel = fsdp needs torchrun with 2+ processes; training unsharded", file=sys.stderr)
-    use_bf16 = t.mixed_precision and device.type == "cuda"
+    use_bf16, fsdp_bf16 = bf16(t, world, device)
 
-    def autocast():
+    def autocast():  # the reference pass's
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def policy_autocast():  # FSDP2's policy casts the gathered weights itself
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not fsdp_bf16)
 
     tokenizer, examples, stats, settings, ckpt, start = _open_run(cfg, run, world)
     if start == t.steps:
@@ -308,7 +320,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         batch, lr, began = plan[step % per_epoch], lr_at(step, t), time.perf_counter()
         loss, aux_loss, grad_norm, rewards = train_step(model, optimizer, lr, [examples[i] for i in batch],
                                                         ref[batch] if ref is not None else None, cfg, coef, accum,
-                                                        world, rank, device, autocast)
+                                                        world, rank, device, policy_autocast)
         if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(aux_loss)):
             raise TrainingError(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; stopping "
                                 f"before the optimizer step (the last checkpoint in {run} is intact; try a lower "

@@ -23,10 +23,11 @@ ULPS = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8}  # bf16 keeps 8 significa
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Small tiles on the CPU interpreter (fast, and many ragged tiles per test shape); defaults on a GPU."""
+    """Small tiles on the CPU interpreter (fast, and many ragged tiles per test shape), and the vocabulary in 3
+    splits (ragged too: the last one shorter) whose partial log-sum-exps are combined; defaults on a GPU."""
     if not ON_GPU:
         monkeypatch.setitem(logprob.BLOCKS, "forward", (16, 64, 32))
-        monkeypatch.setitem(logprob.BLOCKS, "backward", (16, 64, 32))
+        monkeypatch.setattr(logprob, "SPLITS", 3)
 
 
 def make(T, H, V, dtype, scale=1.0, seed=0, ignored=()):
@@ -94,8 +95,19 @@ def test_ignored_tokens_give_zero_and_no_gradient():
 def test_default_block_sizes(monkeypatch):
     """The blocks a GPU run uses (64 tokens, 128 vocab, 64 hidden), with shapes that are not multiples."""
     monkeypatch.setitem(logprob.BLOCKS, "forward", (64, 128, 64))
-    monkeypatch.setitem(logprob.BLOCKS, "backward", (64, 128, 64))
     check_against_reference(70, 72, 300, torch.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7, 100])
+def test_vocabulary_splits_combine_to_the_same_log_probs(monkeypatch, splits):
+    """One split (a program walks all of V) or many (at most one per vocabulary tile: 100 is cut to 8 here), the
+    same log-probs within fp32 rounding, and each within the reference's budget."""
+    monkeypatch.setattr(logprob, "SPLITS", splits)
+    assert logprob.vocab_splits(4096, 32000, 64, 128, torch.device("cpu")) == min(splits, 250)
+    out, _, _ = check_against_reference(21, 40, 500, torch.float32, ignored=[3])
+    monkeypatch.setattr(logprob, "SPLITS", 1)
+    whole, _, _ = value_and_grads(logprob.token_logprobs, *make(21, 40, 500, torch.float32, ignored=[3]))
+    assert (out - whole).abs().max() < 1e-5, (out - whole).abs().max()
 
 
 def test_empty_input():

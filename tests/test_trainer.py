@@ -427,3 +427,57 @@ def test_bad_settings_are_one_line(model_dir, sft_data, tmp_path, capsys, key, v
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("train.py: error: ") and phrase in err, err
     assert not (tmp_path / "run").exists()
+
+
+MIXED_PRECISION = '''
+import json, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import minalign
+from minalign.logprobs import sequence_logprobs
+from minalign.losses import sft_loss
+from minalign.parallel import wrap_model
+
+dist.init_process_group("gloo")
+prompts, responses = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+
+
+def step(model, autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sequence_logprobs(model, prompts, responses)
+        loss = sft_loss(out.sums, int(out.counts.sum()))
+    dtype = model.lm_head.weight.dtype  # as the log-prob head used it (the root stays gathered after forward)
+    loss.backward()
+    grads = torch.cat([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).flatten()
+                       for p in model.parameters()])
+    return loss.item(), grads.norm().item(), dtype
+
+
+sharded = wrap_model(minalign.load_model(sys.argv[2], dtype=torch.float32), "fsdp", False, 2, torch.device("cpu"),
+                     mixed_precision=True)
+plain = minalign.load_model(sys.argv[2], dtype=torch.float32)
+fsdp, autocast = step(sharded, False), step(plain, True)
+if dist.get_rank() == 0:
+    print(json.dumps({"fsdp": [fsdp[0], fsdp[1], str(fsdp[2])], "autocast": [autocast[0], autocast[1]]}))
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp_mixed_precision_matches_autocast(model_dir, tmp_path):
+    """FSDP2's bf16 MixedPrecisionPolicy (what train.py uses with parallel fsdp and mixed_precision on CUDA) on 2 gloo
+    ranks: the weights are gathered in bf16 (half autocast's bytes), and the SFT loss and gradient norm equal one
+    process's bf16 autocast over the same fp32 weights within bf16 tolerance."""
+    script = tmp_path / "mp.py"
+    script.write_text(MIXED_PRECISION)
+    tok = minalign.load_tokenizer(model_dir)
+    prompts = [tok.encode(sentence(i, 12), bos=True) for i in range(4)]
+    responses = [tok.encode(sentence(i + 7, 9)) for i in range(4)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(ROOT), str(model_dir), json.dumps(prompts), json.dumps(responses)]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    (loss, norm, dtype), (want_loss, want_norm) = got["fsdp"], got["autocast"]
+    assert dtype == "torch.bfloat16", dtype  # the gathered lm_head: bf16, not fp32
+    print(f"FSDP2 bf16 policy: loss {loss:.6g}, grad norm {norm:.6g}; autocast: {want_loss:.6g}, {want_norm:.6g}")
+    assert loss == pytest.approx(want_loss, rel=1e-2) and norm == pytest.approx(want_norm, rel=2e-2), got
