@@ -103,15 +103,16 @@ def providers(device: str) -> dict:
     from kernels import logprob
     out = {"naive": naive, "chunked": token_logprobs_torch, "fused": logprob.token_logprobs}
     if device == "cuda":
-        out["compiled"] = torch.compile(naive)
+        out["compiled"] = torch.compile(naive, dynamic=False)  # one graph per T, not a dynamic-shape recompile
         try:  # Liger-Kernel: the per-token cross-entropy is −log p
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
             out["liger"] = lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none")
         except ImportError:
             pass
-        try:  # Cut Cross-Entropy
+        try:  # Cut Cross-Entropy: its default skips negligible gradients ("filter_eps"); cce_exact does not
             from cut_cross_entropy import linear_cross_entropy
             out["cce"] = lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none")
+            out["cce-exact"] = lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none", impl="cce_exact")
         except ImportError:
             pass
     return out
@@ -126,9 +127,10 @@ def logprob_part(s: dict, device: str, repeats: int) -> list[dict]:
             try:
                 seconds = best_time(fn, hidden, weight, targets, True, device, repeats)
                 peak = peak_memory(fn, hidden, weight, targets, True, device)
-            except torch.cuda.OutOfMemoryError:
-                rows.append({"T": T, "provider": name, "error": "out of memory"})
-                torch.cuda.empty_cache()
+            except Exception as e:  # an OOM at 16k, a third party's triton mismatch: the row says so, the run goes on
+                rows.append({"T": T, "provider": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                if device == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             rows.append({"T": T, "provider": name, "ms": seconds * 1e3, "peak_MB": peak / 2**20,
                          "TFLOPs": 6 * T * s["V"] * s["H"] / seconds / 1e12})
@@ -161,9 +163,12 @@ def decode_part(s: dict, device: str) -> list[dict]:
                  vocab_size=32000) if device == "cuda" else dict(hidden_size=64, intermediate_size=128,
                                                                  num_attention_heads=4, num_key_value_heads=2,
                                                                  vocab_size=256)
-    cfg = minalign.get_config("tiny-mistral", num_hidden_layers=s["layers"], max_position_embeddings=4096, **shape)
+    cfg = minalign.get_config("tiny-mistral", num_hidden_layers=s["layers"], max_position_embeddings=4096,
+                              sliding_window=None, **shape)  # (tiny-mistral's window is 16 tokens)
     model = minalign.Transformer(cfg).init_weights(std=0.02, seed=0).to(device=device, dtype=dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the bytes a decode step reads: every weight but the embedding table, of which it reads one row per token
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - \
+        model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
     peak_bw = bandwidth(device)
     rows = []
     for compile_ in (False, True) if device == "cuda" else (False,):
@@ -198,7 +203,7 @@ def train_part(s: dict, device: str, repeats: int, peak_tflops: float | None) ->
     cfg = minalign.get_config("tiny-mistral", vocab_size=32000 if device == "cuda" else 256,
                               hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                               num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                              num_key_value_heads=s["kv"], max_position_embeddings=s["seq"])
+                              num_key_value_heads=s["kv"], max_position_embeddings=s["seq"], sliding_window=None)
     model = minalign.Transformer(cfg).init_weights(std=0.02, seed=0).to(device)
     n_matmul = model.num_parameters() - model.model.embed_tokens.weight.numel()
     optimizer = make_optimizer(model, TrainConfig())
@@ -257,6 +262,27 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def versions() -> dict:
+    """The versions of what was measured beside minalign (Liger's reduction="none" backward changed in 0.8.2)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("triton", "liger-kernel", "cut-cross-entropy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write(results: dict, out: Path) -> None:
+    """The JSON (atomically) and the markdown tables beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(results, f, indent=1)
+    os.replace(f.name, out)
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
@@ -277,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, sizes = ("cpu", SMOKE) if args.smoke else ("cuda", FULL)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (--smoke: toy sizes)",
-               "torch": torch.__version__, "parts": {}}
+               "torch": torch.__version__, "versions": versions(), "parts": {}}
     began = time.perf_counter()
     for part in args.parts:
         t = time.perf_counter()
@@ -290,18 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = train_part(sizes[part], device, args.repeats, args.peak_tflops)
         results["parts"][part] = rows
+        results["seconds"] = time.perf_counter() - began
+        write(results, Path(args.out))  # after every part: a later failure loses nothing measured
         print(f"bench/gpu.py: {part}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
         if device == "cuda":
             torch.cuda.empty_cache()
-    results["seconds"] = time.perf_counter() - began
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(results, f, indent=1)
-    os.replace(f.name, out)
-    table = markdown(results)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    print(markdown(results))
     bad = [r for r in results["parts"].get("kernels", []) if not r["ok"]]
     if bad:
         print(f"bench/gpu.py: the kernel's error exceeds torch's own: {bad}", file=sys.stderr)

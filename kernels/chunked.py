@@ -38,14 +38,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def _fp32_logits(h: Tensor, weight: Tensor) -> Tensor:
-    """h @ weightᵀ with fp32 output and no rounding to the inputs' dtype: what the fused kernel's dots compute."""
-    if h.is_cuda and h.dtype != torch.float32:
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with fp32 output and no rounding to the inputs' dtype (what the fused kernel's dots compute): on CUDA
+    the tensor cores with fp32 accumulation and output, elsewhere an upcast matmul."""
+    if a.is_cuda and a.dtype != torch.float32:
         try:
-            return torch.mm(h, weight.T, out_dtype=torch.float32)  # tensor cores, fp32 accumulation and output
+            return torch.mm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # a torch without cuBLAS's fp32-output matmul: the upcast one below
             pass
-    return h.float() @ weight.float().T
+    return a.float() @ b.float()
 
 
 def logprob_grads(hidden: Tensor, weight: Tensor, targets: Tensor, keep: Tensor, lse: Tensor | None,
@@ -67,15 +68,16 @@ def logprob_grads(hidden: Tensor, weight: Tensor, targets: Tensor, keep: Tensor,
     for s in range(0, hidden.shape[0], chunk):
         h, g = hidden[s:s + chunk], grad_out[s:s + chunk]
         # grad_logits = g · (onehot − softmax), built in place in the recomputed logits [chunk, V]
-        logits = _fp32_logits(h, weight) if lse is None else (h @ weight.T).float()
+        logits = _mm_fp32(h, weight.T) if lse is None else (h @ weight.T).float()
         norm = logits.logsumexp(-1, keepdim=True) if lse is None else lse[s:s + chunk, None]
         grad_logits = logits.sub_(norm).exp_().mul_(-g[:, None])
         grad_logits.scatter_add_(-1, targets[s:s + chunk, None], g[:, None])
+        low = grad_logits.to(weight.dtype)  # the matmuls' input, cast once
         if grad_hidden is not None:
-            grad_hidden[s:s + chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_hidden[s:s + chunk] = (low @ weight).to(hidden.dtype)
         if grad_weight is not None:
             if hidden.is_cuda and hidden.dtype != torch.float32:
-                grad_weight += grad_logits.T.to(hidden.dtype) @ h
+                grad_weight += _mm_fp32(low.T, h)  # each chunk's product unrounded, summed in fp32
             else:
                 grad_weight.addmm_(grad_logits.T, h.float())  # in place: no [V, H] temporary per chunk
     if grad_weight is not None:

@@ -101,7 +101,11 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
                                             real.to(device)) / len(batches)
         targets = targets.to(device)
         picked = targets != IGNORE_INDEX  # [B, T]
-        logp = token_logprobs(hidden[picked], core.lm_head.weight, targets[picked])  # [n_response_tokens]
+        head_h, head_w = hidden[picked], core.lm_head.weight
+        if torch.is_autocast_enabled(device.type):  # autocast does not reach into a custom autograd.Function: cast
+            dt = torch.get_autocast_dtype(device.type)  # as it would cast the lm_head's matmul
+            head_h, head_w = head_h.to(dt), head_w.to(dt)
+        logp = token_logprobs(head_h, head_w, targets[picked])  # [n_response_tokens]
         rows = torch.tensor(batch, device=device)[:, None].expand(len(batch), T)[picked]
         sums = sums.index_add(0, rows, logp)
         if per_token:  # logp is row-major over picked: each sequence's terms in order, one sequence after another
