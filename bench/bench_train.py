@@ -36,7 +36,7 @@ from transformers import MistralForCausalLM
 
 import minalign
 from bench_logprob import PeakMemory
-from gpu import PEAK_BF16_TFLOPS
+from gpu import PEAK_BF16_TFLOPS, sync
 from minalign.logprobs import sequence_logprobs
 from minalign.losses import dpo_loss, sft_loss
 from minalign.train import TrainConfig, make_optimizer
@@ -138,11 +138,6 @@ class Steps:
 
     def run(self, name):
         return {"sft": self.sft, "hf-sft": self.hf_sft, "dpo": self.dpo, "sft-pairs": self.sft_pairs}[name]()
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def interleaved_times(fns, repeats, device):

@@ -56,6 +56,7 @@ SMOKE = {"kernels": dict(T=40, H=48, V=(200, 128 + 3)),
 
 
 def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so a timer reads the work's time."""
     if device == "cuda":
         torch.cuda.synchronize()
 

@@ -100,24 +100,25 @@ class Loop:
         # runs, the result is the last policy, and no round is spent only measuring it.
         relative = cfg.reward.kind == "pairrm"
         by_win_rate = relative and self.has_eval
+        last_wins = relative and not self.has_eval  # nothing ranks the rounds: the result is the last policy
         key = "win_rate" if by_win_rate else "batch_reward"
 
         def value(m: dict) -> float:  # what picks the best round; π_0 against itself wins half the time
             return 0.5 if by_win_rate and m["round"] == 0 else m[key]
         summary = None
         for k in range(cfg.loop.rounds + 1):
-            if relative and not by_win_rate and k == cfg.loop.rounds:
+            if last_wins and k == cfg.loop.rounds:
                 best = {"round": k, "policy": str(self.policy(k))}
                 summary = self.write_summary(rounds, best)
                 break
             last = k == cfg.loop.rounds
             m = self.measure(k, batch=not (by_win_rate and last))  # the last round's batch reward picks nothing
-            if best is None or (relative and not by_win_rate) or value(m) > value(best):
+            if best is None or last_wins or value(m) > value(best):
                 best, since_best = m, 0
             else:
                 since_best += 1
             stop = last
-            if not stop and cfg.loop.patience and (by_win_rate or not relative) and since_best >= cfg.loop.patience:
+            if not stop and cfg.loop.patience and not last_wins and since_best >= cfg.loop.patience:
                 self.log(f"round {k}: no higher {key.replace('_', ' ')} for {since_best} round(s) (loop.patience "
                          f"{cfg.loop.patience}); stopping")
                 stop = True
@@ -132,7 +133,7 @@ class Loop:
             if stop:
                 break
         # Round k's metrics describe π_k, the policy round k starts from: round_{k-1}'s training made it.
-        why = ("the last" if relative and not by_win_rate else
+        why = ("the last" if last_wins else
                f"the highest {key.replace('_', ' ')}{' against π_0' if by_win_rate else ''}, {value(best):.4g}")
         made = "the starting policy" if best["round"] == 0 else f"trained in round {best['round'] - 1}"
         self.log(f"best policy: π_{best['round']} ({why}; {made}): {best['policy']}")

@@ -147,8 +147,9 @@ def best_kept(row: dict, marks: dict[int, str]) -> int:
     kept = [j for j, m in marks.items() if m in ("kept", "chosen")]
     if kept:
         return kept[0]
-    marks[best_index(row)] = "best"
-    return best_index(row)
+    best = best_index(row)
+    marks[best] = "best"
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ the page

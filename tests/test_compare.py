@@ -167,6 +167,11 @@ def test_pairrm_judges_both_orders(tmp_path, deberta_tok_dir, tiny_cfg):
     assert swapped["win_rate"] == pytest.approx(1 - r["win_rate"], abs=1e-6)
 
 
+def three_rows():
+    """Three prompts of two responses each, the same on both sides."""
+    return [{"id": k, "prompt": f"q{k}", "responses": [{"text": "a"}, {"text": "bb"}]} for k in range(3)]
+
+
 def run_main(argv, capsys):
     code = score_cli.main([str(a) for a in argv])
     return code, capsys.readouterr().err
@@ -207,7 +212,7 @@ def test_help_of_compare_mode(capsys):
     ("list id", 'cand.jsonl:2: a samples row needs an "id", a string or an integer; got [1]'),
 ])
 def test_bad_files_are_one_line_naming_file_and_line(tmp_path, judges, capsys, case, phrase):
-    rows = [{"id": k, "prompt": f"q{k}", "responses": [{"text": "a"}, {"text": "bb"}]} for k in range(3)]
+    rows = three_rows()
     cand, base = [dict(r) for r in rows], [dict(r) for r in rows]
     if case == "missing":
         base = base[:2]
@@ -259,7 +264,7 @@ def test_a_prompt_as_text_or_as_one_message_is_the_same_prompt(tmp_path, judges)
     ("pairrm:/no/such/dir", "/no/such/dir"),
 ])
 def test_bad_judges_are_one_line(tmp_path, judges, capsys, judge, phrase):
-    rows = [{"id": k, "prompt": f"q{k}", "responses": [{"text": "a"}, {"text": "bb"}]} for k in range(3)]
+    rows = three_rows()
     c, b = write_samples(tmp_path / "c.jsonl", rows), write_samples(tmp_path / "b.jsonl", rows)
     code, err = run_main(["--candidate", c, "--baseline", b, "--judge", judge.format(judges), "--out",
                           tmp_path / "o.json"], capsys)
